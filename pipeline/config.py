@@ -1,0 +1,304 @@
+"""Typed, validated configuration: one frozen dataclass per section of params.yaml.
+
+Each stage calls `load(<Section>, ...)` for the sections it reads. Unknown sections, unknown keys, wrong
+types and out-of-range values stop the stage with a `ConfigError` that names the key, before anything is
+written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml (or a bad input file); the message names the key or the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class World:
+    image_size: int = 32          # pixels; the patch size of `model` must divide it
+    seed: int = 0                 # seed of the training subjects, contexts and jitter
+    jitter: float = 1.0           # max shift (px) of a target's subject from its nominal position
+
+    def check(self):
+        _require(self.image_size >= 8, "world.image_size", "must be >= 8")
+        _require(self.jitter >= 0, "world.jitter", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Prepare:
+    train_subjects: int = 1500
+    targets_per_subject: int = 2
+    shard_rows: int = 2000        # rows per Parquet shard
+
+    def check(self):
+        for k in ("train_subjects", "targets_per_subject", "shard_rows"):
+            _require(getattr(self, k) >= 1, f"prepare.{k}", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Bench:
+    seed: int = 12345             # seed of the bench subjects (disjoint from the training subjects)
+    subjects: int = 30
+    prompts_per_subject: int = 4
+    seeds: int = 2                # sampling seeds per (subject, prompt)
+
+    def check(self):
+        for k in ("subjects", "prompts_per_subject", "seeds"):
+            _require(getattr(self, k) >= 1, f"bench.{k}", "must be >= 1 (a bench with zero items measures nothing)")
+
+
+@dataclass(frozen=True)
+class Judges:
+    seed: int = 777
+    train_renders: int = 12000
+    val_renders: int = 1000
+    batch_size: int = 128
+    attr_steps: int = 1500
+    dino_steps: int = 800
+    clip_steps: int = 800
+    lr: float = 1e-3
+
+    def check(self):
+        for k in ("train_renders", "val_renders", "batch_size"):
+            _require(getattr(self, k) >= 2, f"judges.{k}", "must be >= 2")
+        for k in ("attr_steps", "dino_steps", "clip_steps"):
+            _require(getattr(self, k) >= 1, f"judges.{k}", "must be >= 1")
+        _positive(self, "judges", "lr")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The FluxTransformer2DModel config of the embedded backbone, and its text encoders."""
+    patch_size: int = 4           # pixel patch side: tokens are patch_size**2 * 3 values
+    num_layers: int = 2           # double-stream blocks
+    num_single_layers: int = 2
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])
+    position_delta: list[int] = field(default_factory=lambda: [0, -8])  # (row, col) shift of condition tokens
+    text_dim: int = 64            # T5 stand-in width (joint_attention_dim)
+    pooled_dim: int = 32          # CLIP-text stand-in width (pooled_projection_dim)
+    max_text_len: int = 12
+    text_seed: int = 0            # seed of the frozen random text encoders
+
+    def check(self):
+        for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "text_dim",
+                  "pooled_dim", "max_text_len"):
+            _require(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
+        _require(self.num_single_layers >= 0, "model.num_single_layers", "must be >= 0")
+        _require(len(self.axes_dims_rope) == 3 and sum(self.axes_dims_rope) == self.attention_head_dim,
+                 "model.axes_dims_rope", f"must be 3 numbers summing to attention_head_dim "
+                 f"({self.attention_head_dim}), got {self.axes_dims_rope}")
+        _require(all(d % 2 == 0 for d in self.axes_dims_rope), "model.axes_dims_rope", "entries must be even")
+        _require(len(self.position_delta) == 2, "model.position_delta", "must be [row, col]")
+
+
+@dataclass(frozen=True)
+class Sft:
+    seed: int = 0
+    steps: int = 1800
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    generic_prompt_prob: float = 0.25   # METHOD.md 8: degraded conditions must stay on-manifold for CDNS
+    text_dropout: float = 0.1           # empty prompt (classifier-free guidance's unconditional branch)
+    timestep_mu: float = 0.0            # logit-normal t = sigmoid(n), n ~ N(mu, sigma)
+    timestep_sigma: float = 1.0
+    log_every: int = 25
+
+    def check(self):
+        for k in ("steps", "batch_size", "log_every"):
+            _require(getattr(self, k) >= 1, f"sft.{k}", "must be >= 1")
+        _positive(self, "sft", "lr", "timestep_sigma", "grad_clip")
+        _finite(self, "sft", "timestep_mu", "weight_decay")
+        _require(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
+        for k in ("generic_prompt_prob", "text_dropout"):
+            _require(0 <= getattr(self, k) <= 1, f"sft.{k}", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Shared by `cdns` and `evaluate`: negatives are sampled exactly as evaluation samples."""
+    steps: int = 20
+    guidance: float = 1.0         # classifier-free guidance on the text (1 = off)
+    shift: float = 1.0            # time shift of the Euler grid, t' = shift t / (1 + (shift - 1) t)
+    batch_size: int = 64
+
+    def check(self):
+        _require(self.steps >= 1, "sampler.steps", "must be >= 1")
+        _require(self.batch_size >= 1, "sampler.batch_size", "must be >= 1")
+        _positive(self, "sampler", "guidance", "shift")
+
+
+@dataclass(frozen=True)
+class Cdns:
+    seed: int = 0
+    num_triplets: int = 512       # negatives are made for the first N training triplets (0 = all)
+    image: str = "blur"
+    text: str = "generic"
+    blur_radius: float = 1.5      # Gaussian blur radius in pixels at world.image_size
+    workers: int = 2              # Ray actors (one GPU each where CUDA exists, else one CPU slot each)
+    threads_per_worker: int = 1
+    shard_rows: int = 64
+    ray_address: str = ""         # "" starts a local Ray on loopback; "auto" or host:port joins a cluster
+
+    IMAGE_CHOICES = ("blur", "none")
+    TEXT_CHOICES = ("generic", "none")
+
+    def check(self):
+        _choice(self.image, self.IMAGE_CHOICES, "cdns.image")
+        _choice(self.text, self.TEXT_CHOICES, "cdns.text")
+        _require(math.isfinite(self.blur_radius) and self.blur_radius >= 0, "cdns.blur_radius",
+                 f"must be a finite number >= 0, got {self.blur_radius}")
+        for k in ("workers", "threads_per_worker", "shard_rows"):
+            _require(getattr(self, k) >= 1, f"cdns.{k}", "must be >= 1")
+        _require(self.num_triplets >= 0, "cdns.num_triplets", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Sfo:
+    seed: int = 0
+    steps: int = 300
+    pairs_per_step: int = 16
+    lr: float = 5e-4
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    timestep_mu: float = 0.0
+    timestep_sigma: float = 1.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+    def check(self):
+        for k in ("steps", "pairs_per_step", "log_every"):
+            _require(getattr(self, k) >= 1, f"sfo.{k}", "must be >= 1")
+        _require(self.lora_rank >= 1, "sfo.lora_rank", f"must be >= 1, got {self.lora_rank}")
+        _positive(self, "sfo", "lr", "lora_alpha", "timestep_sigma", "grad_clip")
+        _finite(self, "sfo", "timestep_mu")
+
+
+@dataclass(frozen=True)
+class Loss:
+    beta: float = 1000.0          # METHOD.md 4, for the mean-reduced error
+
+    def check(self):
+        _positive(self, "loss", "beta")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    seed: int = 0
+    grid_subjects: int = 8
+
+    def check(self):
+        _require(self.grid_subjects >= 0, "evaluate.grid_subjects", "must be >= 0")
+
+
+SECTIONS = {"world": World, "prepare": Prepare, "bench": Bench, "judges": Judges, "model": Model, "sft": Sft,
+            "sampler": Sampler, "cdns": Cdns, "sfo": Sfo, "loss": Loss, "evaluate": Evaluate}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------------
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found (run from the repository root)")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    return params
+
+
+def section(name: str, params: dict):
+    """The validated dataclass of section `name` from the parsed params."""
+    cls = SECTIONS[name]
+    raw = params.get(name) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: section '{name}' must be a mapping")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {[f'{name}.{k}' for k in unknown]}; "
+                          f"known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
+    cfg = cls(**values)
+    cfg.check()
+    return cfg
+
+
+def load(*names: str, path: str | Path = PARAMS_FILE):
+    """Validated sections, in the order asked: `world, bench = load("world", "bench")`."""
+    params = read_params(path)
+    out = tuple(section(n, params) for n in names)
+    return out[0] if len(out) == 1 else out
+
+
+def _coerce(value, hint, key):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"params.yaml: {key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params.yaml: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params.yaml: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):   # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"params.yaml: {key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"params.yaml: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"params.yaml: {key} must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"params.yaml: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {hint} for {key}")
+
+
+def _require(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"params.yaml: {key} {msg}")
+
+
+def _positive(cfg, sec: str, *keys: str):
+    for k in keys:
+        v = getattr(cfg, k)
+        _require(math.isfinite(v) and v > 0, f"{sec}.{k}", f"must be a finite number > 0, got {v}")
+
+
+def _finite(cfg, sec: str, *keys: str):
+    for k in keys:
+        _require(math.isfinite(getattr(cfg, k)), f"{sec}.{k}", "must be finite")
+
+
+def _choice(value: str, choices: tuple, key: str):
+    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")

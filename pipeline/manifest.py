@@ -1,0 +1,159 @@
+"""Parquet manifests: the only way stages hand data to each other.
+
+Images travel as PNG bytes inside Parquet shards (one file per `shard_rows` rows): DVC and file systems are
+slow with many small files. Every shard is written to a temporary name and renamed, so a reader never sees
+a half-written file. Schemas are in docs/architecture.md; `read` checks them and names the bad row or file.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .config import ConfigError
+from .world import ATTRS
+
+# The triplet manifest (data/train, data/bench): one row per (subject, context).
+TRIPLET_SCHEMA = pa.schema(
+    [("id", pa.string()), ("subject_id", pa.int64())]
+    + [(k, pa.int64()) for k in ("cls", "body_color", "pattern", "pattern_color", "pattern_scale",
+                                 "pattern_angle", "mark_corner", "mark_color", "background", "position", "size")]
+    + [("prompt", pa.string()), ("generic_prompt", pa.string()),
+       ("ref_png", pa.binary()), ("target_png", pa.binary()), ("mask_png", pa.binary())])
+
+# The negative manifest (data/negatives/manifest.parquet): one row per triplet that got a negative.
+NEGATIVE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("neg_png", pa.binary()), ("cond_png", pa.binary()), ("neg_prompt", pa.string()),
+    ("image_degradation", pa.string()), ("text_degradation", pa.string()), ("blur_radius", pa.float64()),
+    ("seed", pa.int64())])
+
+assert set(ATTRS) <= set(TRIPLET_SCHEMA.names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PNG helpers
+# ---------------------------------------------------------------------------------------------------------
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L", "1") else im).copy()
+    except Exception as e:  # PIL raises several types for bad bytes
+        raise ConfigError(f"{where}: image bytes cannot be decoded as PNG ({type(e).__name__}: {e})") from None
+
+
+def decode_column(table: pa.Table, column: str, source: str) -> np.ndarray:
+    """Decode a PNG column into one uint8 array (N, H, W, 3) (masks: (N, H, W) bool); errors name the row."""
+    ids = table.column("id").to_pylist()
+    imgs = [decode_png(b, f"{source}: row id={i!r} column {column!r}")
+            for i, b in zip(ids, table.column(column).to_pylist())]
+    shapes = {im.shape for im in imgs}
+    if len(shapes) > 1:
+        raise ConfigError(f"{source}: column {column!r} mixes image shapes {sorted(shapes)}")
+    arr = np.stack(imgs) if imgs else np.zeros((0,), np.uint8)
+    return arr.astype(bool) if column == "mask_png" else arr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+def write_table_atomic(table: pa.Table, path: str | Path):
+    """Write one Parquet file under a temporary name, then rename it (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_shards(rows: list[dict], directory: str | Path, schema: pa.Schema, shard_rows: int) -> list[Path]:
+    directory = Path(directory)
+    paths = []
+    for k, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
+        chunk = rows[start:start + shard_rows]
+        path = directory / f"shard-{k:05d}.parquet"
+        write_table_atomic(pa.Table.from_pylist(chunk, schema=schema), path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and validation
+# ---------------------------------------------------------------------------------------------------------
+def read(path: str | Path, schema: pa.Schema = TRIPLET_SCHEMA) -> pa.Table:
+    """Read a manifest (a Parquet file or a directory of shards) and check it against `schema`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (has the stage that writes it run? try `dvc repro`)")
+    files = sorted(path.glob("shard-*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"{path}: no shard-*.parquet files in this directory")
+    tables = []
+    for f in files:
+        try:
+            t = pq.read_table(f)
+        except Exception as e:
+            raise ConfigError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        check_schema(t, schema, str(f))
+        tables.append(t.select(schema.names).cast(schema))
+    table = pa.concat_tables(tables)
+    check_rows(table, str(path))
+    return table
+
+
+def check_schema(table: pa.Table, schema: pa.Schema, source: str):
+    for fld in schema:
+        if fld.name not in table.column_names:
+            raise ConfigError(f"{source}: missing required column {fld.name!r} (schema: {schema.names})")
+        got = table.schema.field(fld.name).type
+        if got != fld.type and not (pa.types.is_integer(got) and pa.types.is_integer(fld.type)) \
+                and not (pa.types.is_large_binary(got) and pa.types.is_binary(fld.type)) \
+                and not (pa.types.is_large_string(got) and pa.types.is_string(fld.type)):
+            raise ConfigError(f"{source}: column {fld.name!r} has type {got}, expected {fld.type}")
+
+
+def check_rows(table: pa.Table, source: str):
+    ids = table.column("id").to_pylist()
+    if None in ids:
+        raise ConfigError(f"{source}: a row has no id")
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), None
+        for i in ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
+        raise ConfigError(f"{source}: duplicate id {dup!r}")
+    for col in ("prompt", "generic_prompt", "neg_prompt"):
+        if col in table.column_names:
+            for i, p in zip(ids, table.column(col).to_pylist()):
+                if col != "neg_prompt" and (p is None or not p.strip()):
+                    raise ConfigError(f"{source}: row id={i!r} has an empty {col!r}")
+    for k, values in ATTRS.items():
+        if k in table.column_names:
+            col = np.asarray(table.column(k).to_numpy(zero_copy_only=False))
+            bad = np.flatnonzero((col < 0) | (col >= len(values)))
+            if bad.size:
+                raise ConfigError(f"{source}: row id={ids[bad[0]]!r} has {k}={col[bad[0]]}, "
+                                  f"outside 0..{len(values) - 1}")
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], the models' pixel space."""
+    return images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] (numpy or torch) -> uint8 (N, H, W, 3)."""
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    return np.clip((x.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,260 @@
+"""OminiControl-style subject conditioning on a diffusers `FluxTransformer2DModel` (METHOD.md section 2).
+
+The reference image is tokenised exactly like the target and its tokens join the image side of FLUX's joint
+attention as a second *branch*: their own position ids (shifted by `position_delta`, one image width along x
+by default) and their own timestep, 0, because the reference is clean. The stock `FluxTransformer2DModel.forward`
+gives every token one timestep, so this module runs the model's own blocks with a per-branch modulation:
+`_double_block` and `_single_block` below mirror diffusers' block forwards with one AdaLN modulation per
+branch and one joint attention over all tokens. Everything else (attention processor, RoPE, embedders,
+LoRA layers from peft) is diffusers' own.
+
+Token branches, in attention order: text (L tokens) | noisy image (N) | condition (N).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from . import flow
+from .config import ConfigError, Model
+from .text import TextEncoder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens and position ids
+# ---------------------------------------------------------------------------------------------------------
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C p p), row-major over the patch grid."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    b, n, d = tokens.shape
+    c = d // (p * p)
+    x = tokens.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def position_ids(rows: int, cols: int, delta: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """FLUX image ids (rows*cols, 3): (0, row + delta_row, col + delta_col), row-major like `patchify`."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None] + delta[0]
+    ids[..., 2] = torch.arange(cols)[None, :] + delta[1]
+    return ids.reshape(rows * cols, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block forwards with one modulation per branch
+# ---------------------------------------------------------------------------------------------------------
+def _modulated_residual(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm, ff):
+    """The second half of a FLUX double block for one branch: gated attention residual, then modulated MLP."""
+    x = x + gate_msa[:, None] * attn_out
+    return x + gate_mlp[:, None] * ff(norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+
+
+def _double_block(block, txt, branches, tembs, temb_txt, rope):
+    """FluxTransformerBlock over text + image-side branches, each branch modulated by its own temb."""
+    mods = [block.norm1(x, emb=e) for x, e in zip(branches, tembs)]   # (normed, gate_msa, shift, scale, gate_mlp)
+    txt_mod = block.norm1_context(txt, emb=temb_txt)
+    img_attn, txt_attn = block.attn(hidden_states=torch.cat([m[0] for m in mods], 1),
+                                    encoder_hidden_states=txt_mod[0], image_rotary_emb=rope)
+    sizes = [x.shape[1] for x in branches]
+    branches = [_modulated_residual(x, a, *m[1:], block.norm2, block.ff)
+                for x, a, m in zip(branches, img_attn.split(sizes, 1), mods)]
+    txt = _modulated_residual(txt, txt_attn, *txt_mod[1:], block.norm2_context, block.ff_context)
+    return txt, branches
+
+
+def _single_block(block, txt, branches, tembs, temb_txt, rope):
+    """FluxSingleTransformerBlock (parallel attention + MLP) with one modulation per branch."""
+    seqs, embs = [txt, *branches], [temb_txt, *tembs]
+    normed, gates = zip(*(block.norm(x, emb=e) for x, e in zip(seqs, embs)))
+    h = torch.cat(normed, 1)
+    out = block.proj_out(torch.cat([block.attn(hidden_states=h, image_rotary_emb=rope),
+                                    block.act_mlp(block.proj_mlp(h))], 2))
+    outs = [x + g[:, None] * o for x, g, o in zip(seqs, gates, out.split([x.shape[1] for x in seqs], 1))]
+    return outs[0], outs[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The conditioned model
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Conditioning:
+    """What the transformer sees besides (x_t, t): computed once per sample, reused across steps."""
+    cond: torch.Tensor | None  # (B, N, D) condition tokens (the reference, tokenised like the target), or None
+    txt: torch.Tensor       # (B, L, text_dim) T5-stand-in sequence
+    pooled: torch.Tensor    # (B, pooled_dim) CLIP-stand-in pooled vector
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return Conditioning(self.cond[idx], self.txt[idx], self.pooled[idx])
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(*(torch.cat([getattr(c, k) for c in items]) for k in ("cond", "txt", "pooled")))
+
+
+class SubjectFlux(torch.nn.Module):
+    """FluxTransformer2DModel + frozen text encoders + pixel-patch tokens + the subject branch."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, text: TextEncoder, cfg: Model, image_size: int):
+        super().__init__()
+        if image_size % cfg.patch_size:
+            raise ConfigError(f"params.yaml: model.patch_size={cfg.patch_size} does not divide the image size "
+                              f"{image_size}")
+        self.transformer, self.text, self.cfg, self.image_size = transformer, text, cfg, image_size
+        g = image_size // cfg.patch_size
+        self.register_buffer("img_ids", position_ids(g, g), persistent=False)
+        self.register_buffer("cond_ids", position_ids(g, g, tuple(cfg.position_delta)), persistent=False)
+        self.register_buffer("txt_ids", torch.zeros(cfg.max_text_len, 3), persistent=False)
+
+    # --- construction and persistence -------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: Model, image_size: int, words: list[str], seed: int) -> "SubjectFlux":
+        text = TextEncoder.build(words, cfg.max_text_len, cfg.text_dim, cfg.pooled_dim, cfg.text_seed)
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=3 * cfg.patch_size ** 2, num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.attention_head_dim,
+            num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.text_dim,
+            pooled_projection_dim=cfg.pooled_dim, guidance_embeds=False, axes_dims_rope=tuple(cfg.axes_dims_rope))
+        return cls(transformer, text, cfg, image_size)
+
+    def save_pretrained(self, directory: str | Path):
+        directory = Path(directory)
+        self.transformer.save_pretrained(directory / "transformer")
+        self.text.save_pretrained(directory)
+        (directory / "subject_flux.json").write_text(json.dumps(
+            {"image_size": self.image_size, "model": self.cfg.__dict__}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "SubjectFlux":
+        directory = Path(directory)
+        meta_file = directory / "subject_flux.json"
+        if not meta_file.exists():
+            raise ConfigError(f"{directory}: not a SubjectFlux model directory (no subject_flux.json); "
+                              f"train one with `dvc repro sft`")
+        meta = json.loads(meta_file.read_text())
+        transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
+        return cls(transformer, TextEncoder.from_pretrained(directory), Model(**meta["model"]), meta["image_size"])
+
+    # --- tokens ------------------------------------------------------------------------------------------
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.cfg.patch_size)
+
+    def images(self, tokens: torch.Tensor) -> torch.Tensor:
+        return unpatchify(tokens, self.cfg.patch_size, self.image_size, self.image_size)
+
+    def condition(self, refs: torch.Tensor, prompts: list[str]) -> Conditioning:
+        """Reference images (B, 3, H, W) in [-1, 1] and prompts -> the cached conditioning of a batch."""
+        txt, pooled = self.text.encode(prompts)
+        return Conditioning(self.tokens(refs), txt, pooled)
+
+    # --- the forward ---------------------------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """Predicted velocity tokens (B, N, D) for noisy tokens x_t (B, N, D) at times t (B,) in [0, 1]."""
+        tr = self.transformer
+        temb = tr.time_text_embed(t.to(x_t.dtype) * 1000, c.pooled)                       # noisy branch and text
+        txt = tr.context_embedder(c.txt)
+        branches, tembs, ids = [tr.x_embedder(x_t)], [temb], [self.txt_ids, self.img_ids]
+        if c.cond is not None:                                                            # the subject branch
+            branches.append(tr.x_embedder(c.cond))
+            tembs.append(tr.time_text_embed(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))  # clean: t = 0
+            ids.append(self.cond_ids)
+        rope = tr.pos_embed(torch.cat(ids))
+        for block in tr.transformer_blocks:
+            txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope)
+        for block in tr.single_transformer_blocks:
+            txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope)
+        return tr.proj_out(tr.norm_out(branches[0], temb))
+
+    def _maybe_checkpoint(self, fn, *args):
+        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    # --- sampling ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, refs: torch.Tensor, prompts: list[str], noise: torch.Tensor, steps: int,
+               guidance: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+        """Euler sampling; returns images (B, 3, H, W) in [-1, 1]. CFG drops the text, keeps the reference."""
+        c = self.condition(refs, prompts)
+        if guidance != 1.0:
+            c_all = Conditioning.cat([c, self.condition(refs, [""] * len(prompts))])
+
+            def velocity(x, t):
+                v_c, v_u = self(torch.cat([x, x]), torch.cat([t, t]), c_all).chunk(2)
+                return flow.guided(v_c, v_u, guidance)
+        else:
+            def velocity(x, t):
+                return self(x, t, c)
+        return self.images(flow.euler_sample(velocity, self.tokens(noise), steps, shift)).clamp(-1, 1)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: SubjectFlux):
+    """Run the reference: the same weights with every LoRA adapter switched off (no second copy)."""
+    model.transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        model.transformer.enable_adapters()
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per seed: a sample's noise depends only on its own seed, so
+    results do not depend on batch size, worker or order."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA adapters (peft through diffusers' PeftAdapterMixin)
+# ---------------------------------------------------------------------------------------------------------
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(model: SubjectFlux, name: str, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """Freeze the model, add a trainable LoRA `name` on every linear layer of the transformer, and return
+    exactly the adapter's parameters (the only ones an optimizer may see)."""
+    from peft import LoraConfig
+    model.requires_grad_(False)
+    model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)),
+                                  adapter_name=name)
+    model.transformer.set_adapter(name)
+    params = [p for n, p in model.transformer.named_parameters() if f".{name}." in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{name}." in n)
+    return params
+
+
+def save_lora(model: SubjectFlux, directory: str | Path, name: str):
+    """The adapter as safetensors with keys prefixed `transformer.` (the layout diffusers' LoRA loaders read)
+    and its LoraConfig in the metadata, serialised deterministically."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model.transformer, adapter_name=name)
+    cfg = {k: (sorted(v) if isinstance(v, (set, list)) and k == "target_modules" else v)
+           for k, v in model.transformer.peft_config[name].to_dict().items()}
+    save_file({f"transformer.{k}": v.contiguous() for k, v in sorted(state.items())}, str(directory / LORA_FILE),
+              metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, sort_keys=True, default=list)})
+
+
+def load_lora(model: SubjectFlux, directory: str | Path, name: str):
+    path = Path(directory) / LORA_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: no LoRA adapter here; run `dvc repro sfo`")
+    model.transformer.load_lora_adapter(str(path), adapter_name=name, prefix="transformer")
+    model.transformer.set_adapter(name)
+    model.requires_grad_(False)

@@ -1,0 +1,94 @@
+"""What every stage shares: logging, a progress bar that is quiet under CI, seeding, one closing log line
+with the wall time, the peak memory and what the stage wrote, and a clean exit on bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError
+
+log = logging.getLogger("pipeline")
+
+
+def progress(iterable=None, **kw):
+    """tqdm, silent when CI is set or stderr is not a terminal."""
+    kw.setdefault("disable", bool(os.environ.get("CI")) or not sys.stderr.isatty())
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int | None = None):
+    """Intra-op threads: `n`, else $SFO_THREADS, else all cores. Inter-op fixed to 1 for determinism."""
+    n = n or int(os.environ.get("SFO_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """A training curve for DVC plots: one row per logged step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def quiet_libraries():
+    """No per-file progress bars or warnings from the model libraries: our own bars and log lines say it."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run(name: str, main: Callable[[], list | None]):
+    """Run a stage's `main`; it returns the paths it wrote. Bad input exits 2 with the message alone."""
+    logging.basicConfig(level=os.environ.get("SFO_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    quiet_libraries()
+    t0 = time.time()
+    try:
+        written = main() or []
+    except ConfigError as e:
+        log.error("%s: stopped: %s", name, e)
+        sys.exit(2)
+    log.info("%s: done in %.1f s, peak RSS %.0f MB, wrote %s", name, time.time() - t0, peak_rss_mb(),
+             ", ".join(str(p) for p in written) or "nothing")

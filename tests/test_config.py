@@ -1,0 +1,54 @@
+"""params.yaml validation: every bad value stops with a message that names the key."""
+import pytest
+import yaml
+
+from pipeline import config
+
+from conftest import REPO
+
+
+def load_with(tmp_path, section, values, names=None):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.setdefault(section, {}).update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return config.load(*(names or [section]), path=path)
+
+
+def test_repository_params_are_valid():
+    params = config.read_params(REPO / "params.yaml")
+    assert set(params) == set(config.SECTIONS)
+    for name in config.SECTIONS:
+        config.section(name, params)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("loss", {"beta": float("nan")}, "loss.beta must be finite"),
+    ("loss", {"beta": -1.0}, "loss.beta must be a finite number > 0"),
+    ("loss", {"beta": "big"}, "loss.beta must be a number"),
+    ("cdns", {"blur_radius": -2.0}, "cdns.blur_radius must be a finite number >= 0"),
+    ("cdns", {"image": "sharpen"}, "cdns.image must be one of"),
+    ("cdns", {"text": "shout"}, "cdns.text must be one of"),
+    ("sft", {"lr": 0.0}, "sft.lr must be a finite number > 0"),
+    ("sft", {"steps": 2.5}, "sft.steps must be an integer"),
+    ("sft", {"generic_prompt_prob": 1.5}, r"sft.generic_prompt_prob must be in \[0, 1\]"),
+    ("sfo", {"lora_rank": 0}, "sfo.lora_rank must be >= 1"),
+    ("sfo", {"lr": float("inf")}, "sfo.lr must be finite"),
+    ("sfo", {"bogus": 1}, r"unknown key\(s\) \['sfo.bogus'\]"),
+    ("bench", {"subjects": 0}, "bench.subjects must be >= 1"),
+    ("model", {"axes_dims_rope": [8, 8, 8]}, "model.axes_dims_rope must be 3 numbers summing to"),
+    ("world", {"image_size": True}, "world.image_size must be an integer"),
+])
+def test_bad_values_name_their_key(tmp_path, section, values, message):
+    with pytest.raises(config.ConfigError, match=message):
+        load_with(tmp_path, section, values)
+
+
+def test_unknown_section_is_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"unknown section\(s\) \['distill'\]"):
+        load_with(tmp_path, "distill", {"steps": 1}, names=["loss"])
+
+
+def test_scientific_notation_and_ints_are_numbers(tmp_path):
+    cfg = load_with(tmp_path, "sfo", {"lr": "5e-4", "lora_alpha": 16})
+    assert cfg.lr == 5e-4 and cfg.lora_alpha == 16.0

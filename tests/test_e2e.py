@@ -1,0 +1,55 @@
+"""The whole DAG, run by DVC on a copy of the repo with smoke params (tests/conftest.py)."""
+import json
+import math
+import re
+import sys
+
+import pyarrow.parquet as pq
+
+from conftest import run
+
+MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
+
+
+def ran_stages(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
+    log = (smoke_repo / "repro.log").read_text()
+    assert ran_stages(log) == {"prepare", "judges", "sft", "cdns", "sfo", "evaluate@sft", "evaluate@sfo", "metrics"}
+    for path in ("data/train/shard-00000.parquet", "data/bench/shard-00000.parquet", "models/judges/dino",
+                 "models/judges/clip", "models/judges/reader/model.safetensors", "models/sft/transformer",
+                 "models/sft/text_encoder", "models/sft/text_encoder_2", "models/sft/tokenizer",
+                 "models/sft/subject_flux.json", "models/sfo/pytorch_lora_weights.safetensors",
+                 "reports/judges.json", "reports/cdns.json", "reports/sft/train.csv", "reports/sfo/train.csv",
+                 "dvc.lock"):
+        assert (smoke_repo / path).exists(), path
+    for model in ("sft", "sfo"):
+        for f in ("metrics.json", "scores.csv", "grid.png"):
+            assert (smoke_repo / "reports/eval" / model / f).exists()
+    # negatives: exactly one row per input triplet, in order, with the degradation recorded
+    neg = pq.read_table(smoke_repo / "data/negatives/manifest.parquet")
+    train_ids = pq.read_table(smoke_repo / "data/train").column("id").to_pylist()
+    assert neg.column("id").to_pylist() == sorted(train_ids)[:10]
+    assert set(neg.column("image_degradation").to_pylist()) == {"blur"}
+    # the final table: sft, sfo, oracle, each with six finite measures
+    metrics = json.loads((smoke_repo / "reports/metrics.json").read_text())
+    for model in ("sft", "sfo", "oracle"):
+        for m in MEASURES:
+            assert math.isfinite(metrics[model][m]), (model, m)
+    assert metrics["oracle"]["subject_mse"] == 0.0
+    sfo_curve = (smoke_repo / "reports/sfo/train.csv").read_text().splitlines()
+    assert sfo_curve[0].startswith("step,loss,implicit_acc,reward_margin") and len(sfo_curve) == 4
+
+
+def test_second_repro_is_a_noop(smoke_repo):
+    p = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    assert ran_stages(p.stdout + p.stderr) == set()
+
+
+def test_changing_beta_reruns_only_sfo_and_what_depends_on_it(smoke_repo):
+    p = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "loss.beta=500"], smoke_repo)
+    assert ran_stages(p.stdout + p.stderr) == {"sfo", "evaluate@sfo", "metrics"}
+    diff = run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], smoke_repo)
+    assert "reports/metrics.json" in json.loads(diff.stdout)

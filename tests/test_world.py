@@ -1,0 +1,65 @@
+"""The embedded world: deterministic, prompts without identity details, train and bench disjoint."""
+import numpy as np
+
+from pipeline import config, world
+from pipeline.stages import prepare
+
+IDENTITY_WORDS = {*world.BODY_COLORS, *world.PATTERNS, *world.PATTERN_COLORS, *world.MARK_COLORS, "mark", "with"}
+
+
+def test_renders_are_a_pure_function_of_the_seed():
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        s, c = world.sample_subject(rng), world.sample_context(rng)
+        return world.render(s, c, 32, (0.5, -1.0))[0], world.render(s, c, 32, reference=True)[0]
+    a, b, c = draw(3), draw(3), draw(4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_reference_is_the_subject_alone_on_a_plain_background_at_its_target_size():
+    rng = np.random.default_rng(0)
+    s = world.sample_subject(rng)
+    for size in range(len(world.SIZES)):
+        ctx = world.Context(background=0, position=0, size=size)
+        ref, ref_mask = world.render(s, ctx, 32, reference=True)
+        tgt, tgt_mask = world.render(s, ctx, 32)
+        assert (ref[~ref_mask] == world.REFERENCE_BACKGROUND).all()
+        assert abs(int(ref_mask.sum()) - int(tgt_mask.sum())) <= 0.2 * tgt_mask.sum()   # same scale
+    assert world.render(s, world.Context(0, 0, 1), 32)[1].sum() > world.render(s, world.Context(0, 0, 0), 32)[1].sum()
+
+
+def test_every_identity_detail_changes_the_render():
+    base = world.Subject(cls=0, body_color=0, pattern=0, pattern_color=0, pattern_scale=0, pattern_angle=0,
+                         mark_corner=0, mark_color=0)
+    ctx = world.Context(0, 1, 1)
+    img = world.render(base, ctx)[0]
+    for field in ("cls", "body_color", "pattern", "pattern_color", "pattern_scale", "pattern_angle", "mark_corner",
+                  "mark_color"):
+        other = world.Subject(**{**base.__dict__, field: 1})
+        assert not np.array_equal(world.render(other, ctx)[0], img), field
+
+
+def test_prompts_name_class_and_context_but_no_identity_detail():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        s, c = world.sample_subject(rng), world.sample_context(rng)
+        words = set(world.prompt(s, c).split())
+        assert s.class_name in words and not words & IDENTITY_WORDS
+        assert tuple(world.SIZES)[c.size] in words
+        assert world.generic_prompt(s) == f"a photo of a {s.class_name}"
+        assert set(world.caption(s, c).split()) <= set(world.vocabulary())
+
+
+def test_train_and_bench_subjects_are_disjoint():
+    w, b = config.World(), config.Bench(subjects=40, prompts_per_subject=2)
+    bench, keys = prepare.bench_rows(w, b)
+    train = prepare.train_rows(w, config.Prepare(train_subjects=300, targets_per_subject=1), keys)
+    attrs = ("cls", "body_color", "pattern", "pattern_color", "pattern_scale", "pattern_angle", "mark_corner",
+             "mark_color")
+    train_keys = {tuple(r[a] for a in attrs) for r in train}
+    assert len(keys) == 40 and len(train_keys) == 300 and not train_keys & keys
+    assert len(bench) == 80 and len({r["id"] for r in bench}) == 80
+    # another bench seed gives other subjects
+    _, keys2 = prepare.bench_rows(w, config.Bench(seed=1, subjects=40))
+    assert keys2 != keys
