@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class World:
     image_size: int = 32          # pixels; the patch size of `model` must divide it
     seed: int = 0                 # seed of the training subjects, contexts and jitter
-    jitter: float = 1.0           # max shift (px) of a target's subject from its nominal position
+    jitter: float = 0.0           # max shift (px) of a target's subject from its nominal position (uniform)
 
     def check(self):
         _require(self.image_size >= 8, "world.image_size", "must be >= 8")
@@ -52,21 +52,23 @@ class Bench:
     subjects: int = 30
     prompts_per_subject: int = 4
     seeds: int = 2                # sampling seeds per (subject, prompt)
+    val_seed: int = 4242          # seed of the validation subjects (guidance tuning), disjoint from both
+    val_subjects: int = 30
 
     def check(self):
-        for k in ("subjects", "prompts_per_subject", "seeds"):
+        for k in ("subjects", "prompts_per_subject", "seeds", "val_subjects"):
             _require(getattr(self, k) >= 1, f"bench.{k}", "must be >= 1 (a bench with zero items measures nothing)")
 
 
 @dataclass(frozen=True)
 class Judges:
     seed: int = 777
-    train_renders: int = 12000
+    train_renders: int = 6000
     val_renders: int = 1000
     batch_size: int = 128
     attr_steps: int = 1500
-    dino_steps: int = 800
-    clip_steps: int = 800
+    dino_steps: int = 600
+    clip_steps: int = 600
     lr: float = 1e-3
 
     def check(self):
@@ -107,9 +109,9 @@ class Model:
 @dataclass(frozen=True)
 class Sft:
     seed: int = 0
-    steps: int = 1800
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 4e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -131,16 +133,29 @@ class Sft:
 
 @dataclass(frozen=True)
 class Sampler:
-    """Shared by `cdns` and `evaluate`: negatives are sampled exactly as evaluation samples."""
+    """Shared by `guidance`, `cdns` and `evaluate`: negatives are sampled exactly as evaluation samples.
+    The guidance scale is not set here: the `guidance` stage chooses it on the validation split."""
     steps: int = 20
-    guidance: float = 1.0         # classifier-free guidance on the text (1 = off)
     shift: float = 1.0            # time shift of the Euler grid, t' = shift t / (1 + (shift - 1) t)
     batch_size: int = 64
 
     def check(self):
         _require(self.steps >= 1, "sampler.steps", "must be >= 1")
         _require(self.batch_size >= 1, "sampler.batch_size", "must be >= 1")
-        _positive(self, "sampler", "guidance", "shift")
+        _positive(self, "sampler", "shift")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance on the text (1 = off), chosen for the SFT base's dino on data/val."""
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    seeds: int = 1
+    seed: int = 0
+
+    def check(self):
+        _require(len(self.scales) >= 1, "guidance.scales", "must list at least one scale")
+        _require(all(math.isfinite(s) and s > 0 for s in self.scales), "guidance.scales", "must all be > 0")
+        _require(self.seeds >= 1, "guidance.seeds", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,7 @@ class Cdns:
     num_triplets: int = 512       # negatives are made for the first N training triplets (0 = all)
     image: str = "blur"
     text: str = "generic"
-    blur_radius: float = 1.5      # Gaussian blur radius in pixels at world.image_size
+    blur_radius: float = 2.0      # Gaussian blur radius in pixels at world.image_size
     workers: int = 2              # Ray actors (one GPU each where CUDA exists, else one CPU slot each)
     threads_per_worker: int = 1
     shard_rows: int = 64
@@ -203,11 +218,11 @@ class Evaluate:
     grid_subjects: int = 8
 
     def check(self):
-        _require(self.grid_subjects >= 0, "evaluate.grid_subjects", "must be >= 0")
+        _require(self.grid_subjects >= 1, "evaluate.grid_subjects", "must be >= 1")
 
 
 SECTIONS = {"world": World, "prepare": Prepare, "bench": Bench, "judges": Judges, "model": Model, "sft": Sft,
-            "sampler": Sampler, "cdns": Cdns, "sfo": Sfo, "loss": Loss, "evaluate": Evaluate}
+            "sampler": Sampler, "guidance": Guidance, "cdns": Cdns, "sfo": Sfo, "loss": Loss, "evaluate": Evaluate}
 
 
 # ---------------------------------------------------------------------------------------------------------

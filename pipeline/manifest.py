@@ -134,10 +134,10 @@ def check_rows(table: pa.Table, source: str):
                 break
             seen.add(i)
         raise ConfigError(f"{source}: duplicate id {dup!r}")
-    for col in ("prompt", "generic_prompt", "neg_prompt"):
+    for col in ("prompt", "generic_prompt"):
         if col in table.column_names:
             for i, p in zip(ids, table.column(col).to_pylist()):
-                if col != "neg_prompt" and (p is None or not p.strip()):
+                if p is None or not p.strip():
                     raise ConfigError(f"{source}: row id={i!r} has an empty {col!r}")
     for k, values in ATTRS.items():
         if k in table.column_names:

@@ -93,12 +93,10 @@ class Conditioning:
     txt: torch.Tensor       # (B, L, text_dim) T5-stand-in sequence
     pooled: torch.Tensor    # (B, pooled_dim) CLIP-stand-in pooled vector
 
-    def __getitem__(self, idx) -> "Conditioning":
-        return Conditioning(self.cond[idx], self.txt[idx], self.pooled[idx])
-
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
-        return Conditioning(*(torch.cat([getattr(c, k) for c in items]) for k in ("cond", "txt", "pooled")))
+        cond = None if items[0].cond is None else torch.cat([c.cond for c in items])
+        return Conditioning(cond, torch.cat([c.txt for c in items]), torch.cat([c.pooled for c in items]))
 
 
 class SubjectFlux(torch.nn.Module):

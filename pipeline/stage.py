@@ -35,8 +35,14 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers (a stage tag, a base seed, a row, ...), via numpy's
+    SeedSequence: distinct tuples give independent streams, with no arithmetic collisions."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def set_threads(n: int | None = None):
-    """Intra-op threads: `n`, else $SFO_THREADS, else all cores. Inter-op fixed to 1 for determinism."""
+    """Intra-op threads: `n`, else $SFO_THREADS, else all cores."""
     n = n or int(os.environ.get("SFO_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n

@@ -33,10 +33,10 @@ MARK_COLORS = {"white": (248, 248, 248), "black": (15, 15, 15), "pink": (255, 10
 BACKGROUNDS = {  # name -> prompt phrase
     "sky": "in the sky", "grass": "on the grass", "sand": "on the sand",
     "snow": "in the snow", "night": "at night", "brick": "by a brick wall"}
-POSITIONS = {"left": 0.31, "center": 0.5, "right": 0.69}   # x centre as a fraction of the width
+POSITIONS = {"left": 0.25, "center": 0.5, "right": 0.75}   # x centre as a fraction of the width
 POSITION_PHRASES = {"left": "on the left", "center": "in the middle", "right": "on the right"}
 SIZES = {"small": 0.19, "large": 0.28}                       # radius as a fraction of the width
-REFERENCE_BACKGROUND = (236, 236, 236)
+REFERENCE_BACKGROUND = (190, 190, 190)
 
 # Attributes the judges read and the metrics score: identity (id_acc) and context (ctx_acc).
 IDENTITY_ATTRS = {"cls": CLASSES, "body_color": tuple(BODY_COLORS), "pattern": PATTERNS,

@@ -17,12 +17,14 @@ def ran_stages(log: str) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
     log = (smoke_repo / "repro.log").read_text()
-    assert ran_stages(log) == {"prepare", "judges", "sft", "cdns", "sfo", "evaluate@sft", "evaluate@sfo", "metrics"}
-    for path in ("data/train/shard-00000.parquet", "data/bench/shard-00000.parquet", "models/judges/dino",
+    assert ran_stages(log) == {"prepare", "judges", "sft", "guidance", "cdns", "sfo", "evaluate@sft", "evaluate@sfo",
+                               "metrics"}
+    for path in ("data/train/shard-00000.parquet", "data/bench/shard-00000.parquet", "data/val/shard-00000.parquet",
+                 "models/judges/dino",
                  "models/judges/clip", "models/judges/reader/model.safetensors", "models/sft/transformer",
                  "models/sft/text_encoder", "models/sft/text_encoder_2", "models/sft/tokenizer",
                  "models/sft/subject_flux.json", "models/sfo/pytorch_lora_weights.safetensors",
-                 "reports/judges.json", "reports/cdns.json", "reports/sft/train.csv", "reports/sfo/train.csv",
+                 "reports/judges.json", "reports/guidance.json", "reports/cdns.json", "reports/sft/train.csv", "reports/sfo/train.csv",
                  "dvc.lock"):
         assert (smoke_repo / path).exists(), path
     for model in ("sft", "sfo"):
@@ -39,6 +41,10 @@ def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
         for m in MEASURES:
             assert math.isfinite(metrics[model][m]), (model, m)
     assert metrics["oracle"]["subject_mse"] == 0.0
+    guidance = json.loads((smoke_repo / "reports/guidance.json").read_text())
+    assert set(guidance["scales"]) == {"1", "2"} and guidance["chosen"] in (1.0, 2.0)
+    assert metrics["guidance"] == guidance["chosen"]
+    assert json.loads((smoke_repo / "reports/cdns.json").read_text())["guidance"] == guidance["chosen"]
     sfo_curve = (smoke_repo / "reports/sfo/train.csv").read_text().splitlines()
     assert sfo_curve[0].startswith("step,loss,implicit_acc,reward_margin") and len(sfo_curve) == 4
 

@@ -12,10 +12,13 @@ TINY = Model(num_layers=1, num_single_layers=1, num_attention_heads=2, attention
 PROMPTS = ["a small circle in the sky on the left", "a photo of a square"]
 
 
+def build(seed: int = 0) -> SubjectFlux:
+    return SubjectFlux.build(TINY, 16, world.vocabulary(), seed=seed).eval()
+
+
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return SubjectFlux.build(TINY, 16, world.vocabulary(), seed=0).eval()
+    return build()
 
 
 def test_patchify_roundtrip_and_layout():
@@ -99,7 +102,7 @@ def test_lora_policy_starts_at_reference_trains_only_adapter_and_roundtrips(mode
         if "lora_" not in k:
             assert torch.equal(v, base[k.replace(".base_layer", "")]), k
     save_lora(model, tmp_path, "sfo")
-    fresh = SubjectFlux.build(TINY, 16, world.vocabulary(), seed=0).eval()
+    fresh = build()
     fresh.transformer.load_state_dict(base)
     load_lora(fresh, tmp_path, "sfo")
     with torch.no_grad():
@@ -115,7 +118,7 @@ def test_save_and_load_pretrained(model, tmp_path):
         c2 = again.condition(torch.zeros(1, 3, 16, 16), PROMPTS[:1])
     assert torch.equal(c.txt, c2.txt) and torch.equal(c.pooled, c2.pooled)
     with torch.no_grad():
-        assert torch.allclose(model(x, t, c), again(x, t, c2), atol=1e-6)
+        assert torch.allclose(model(x, t, c), again(x, t, c2), rtol=1e-5, atol=1e-5)
 
 
 def test_patch_size_must_divide_image_size():

@@ -51,14 +51,16 @@ def test_prompts_name_class_and_context_but_no_identity_detail():
         assert set(world.caption(s, c).split()) <= set(world.vocabulary())
 
 
-def test_train_and_bench_subjects_are_disjoint():
-    w, b = config.World(), config.Bench(subjects=40, prompts_per_subject=2)
+def test_train_bench_and_validation_subjects_are_disjoint():
+    w, b = config.World(), config.Bench(subjects=40, prompts_per_subject=2, val_subjects=40)
     bench, keys = prepare.bench_rows(w, b)
-    train = prepare.train_rows(w, config.Prepare(train_subjects=300, targets_per_subject=1), keys)
+    val, val_keys = prepare.bench_rows(w, b, "val", exclude=keys)
+    assert len(val_keys) == 40 and not val_keys & keys and val[0]["id"].startswith("val-")
+    train = prepare.train_rows(w, config.Prepare(train_subjects=300, targets_per_subject=1), keys | val_keys)
     attrs = ("cls", "body_color", "pattern", "pattern_color", "pattern_scale", "pattern_angle", "mark_corner",
              "mark_color")
     train_keys = {tuple(r[a] for a in attrs) for r in train}
-    assert len(keys) == 40 and len(train_keys) == 300 and not train_keys & keys
+    assert len(keys) == 40 and len(train_keys) == 300 and not train_keys & (keys | val_keys)
     assert len(bench) == 80 and len({r["id"] for r in bench}) == 80
     # another bench seed gives other subjects
     _, keys2 = prepare.bench_rows(w, config.Bench(seed=1, subjects=40))

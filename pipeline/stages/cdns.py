@@ -1,9 +1,9 @@
 """Stage `cdns`: Condition-Degradation Negative Sampling on Ray (METHOD.md section 3).
 
-Reads params `cdns` and `sampler`, `data/train` and `models/sft`. For the first `cdns.num_triplets`
-training triplets, the SFT base samples one negative from degraded conditions (blurred reference, generic
-prompt) with the evaluation's sampler settings. Ray actors each load the model once and take shards of rows
-(one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file written under a
+Reads params `cdns` and `sampler`, `data/train`, `models/sft` and `reports/guidance.json`. For the first
+`cdns.num_triplets` training triplets, the SFT base samples one negative from degraded conditions (blurred
+reference, generic prompt) with the evaluation's sampler settings and guidance scale. Ray actors each load the
+model once and take shards of rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file written under a
 temporary name and renamed. The driver then joins the shards into `data/negatives/manifest.parquet`
 (manifest.NEGATIVE_SCHEMA), exactly one row per input triplet, and writes `reports/cdns.json`.
 
@@ -19,22 +19,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import config, degrade, manifest, stage
+from .. import config, degrade, evaluation, manifest, stage
 from ..model import SubjectFlux, seeded_noise
 
 DATA, MODEL, OUT_DIR, REPORT = "data/train", "models/sft", "data/negatives", "reports/cdns.json"
 
 
+SEED_TAG = 1   # keeps the negatives' noise streams apart from evaluation's (evaluation.SEED_TAG)
+
+
 def negative_seed(base: int, index: int) -> int:
-    return base * 1_000_003 + index
+    return stage.derive_seed(SEED_TAG, base, index)
 
 
 class NegativeWorker:
     """One per GPU (or CPU slot): loads the SFT base once, then turns shards of rows into negatives."""
 
-    def __init__(self, model_dir: str, sampler: config.Sampler, threads: int):
+    def __init__(self, model_dir: str, sampler: config.Sampler, guidance: float, threads: int):
         torch.set_num_threads(threads)
-        self.sampler = sampler
+        self.sampler, self.guidance = sampler, guidance
         self.model = SubjectFlux.from_pretrained(model_dir).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
@@ -50,7 +53,7 @@ class NegativeWorker:
             sl = slice(i, i + s.batch_size)
             noise = seeded_noise(shard["seed"][sl], (3, *cond.shape[1:3])).to(device)
             x = self.model.sample(torch.from_numpy(manifest.to_float(cond[sl])).to(device), prompts[sl], noise,
-                                  s.steps, s.guidance, s.shift)
+                                  s.steps, self.guidance, s.shift)
             negs.extend(manifest.to_uint8(x))
         rows = [{"id": i, "neg_png": manifest.encode_png(n), "cond_png": manifest.encode_png(c), "neg_prompt": p,
                  "image_degradation": cfg.image, "text_degradation": cfg.text, "blur_radius": cfg.blur_radius,
@@ -71,6 +74,7 @@ def start_ray(cfg: config.Cdns):
 
 def main():
     cfg, sampler = config.load("cdns", "sampler")
+    guidance = evaluation.chosen_guidance()
     table = manifest.read(DATA)
     if not (Path(MODEL) / "subject_flux.json").exists():
         raise config.ConfigError(f"{MODEL}: no trained SFT base; run `dvc repro sft`")
@@ -87,7 +91,7 @@ def main():
     try:
         gpus = 1 if torch.cuda.is_available() else 0
         actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus)(NegativeWorker)
-        actors = [actor_cls.remote(str(Path(MODEL).resolve()), sampler, cfg.threads_per_worker)
+        actors = [actor_cls.remote(str(Path(MODEL).resolve()), sampler, guidance, cfg.threads_per_worker)
                   for _ in range(cfg.workers)]
         pool = ray.util.ActorPool(actors)
         jobs = pool.map_unordered(lambda a, job: a.generate.remote(job[0], cfg, job[1]), list(zip(shards, paths)))
@@ -101,7 +105,8 @@ def main():
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
     report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "image": cfg.image,
-              "text": cfg.text, "blur_radius": cfg.blur_radius, "sampler": sampler.__dict__}
+              "text": cfg.text, "blur_radius": cfg.blur_radius, "guidance": guidance,
+              "sampler": sampler.__dict__}
     stage.write_json(REPORT, report)
     stage.log.info("cdns: %d negatives in %d shards by %d Ray workers", n, len(shards), cfg.workers)
     return [OUT_DIR, REPORT]

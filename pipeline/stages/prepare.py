@@ -1,8 +1,9 @@
 """Stage `prepare`: render the training triplets and the bench as Parquet manifests.
 
-Reads params `world`, `prepare`, `bench`. Writes `data/train/` and `data/bench/` (shards of
-manifest.TRIPLET_SCHEMA). Bench subjects come from `bench.seed` and are drawn first; training subjects are
-drawn from `world.seed` excluding every bench identity, so the two sets are disjoint.
+Reads params `world`, `prepare`, `bench`. Writes `data/train/`, `data/bench/` and `data/val/` (shards of
+manifest.TRIPLET_SCHEMA). Bench subjects come from `bench.seed` and are drawn first, validation subjects (used
+only to choose the guidance scale) from `bench.val_seed`, excluding the bench's; training subjects are drawn
+from `world.seed` excluding both, so the three sets are disjoint.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .. import config, manifest, stage, world
 
-TRAIN_DIR, BENCH_DIR = "data/train", "data/bench"
+TRAIN_DIR, BENCH_DIR, VAL_DIR = "data/train", "data/bench", "data/val"
 
 
 def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world.Context, size: int,
@@ -24,16 +25,19 @@ def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world
             "mask_png": manifest.encode_png(mask.astype(np.uint8) * 255)}
 
 
-def bench_rows(w: config.World, b: config.Bench) -> tuple[list[dict], set]:
-    rng = np.random.default_rng(b.seed)
-    subjects = world.sample_subjects(rng, b.subjects)
+def bench_rows(w: config.World, b: config.Bench, split: str = "bench", exclude: set = frozenset()
+               ) -> tuple[list[dict], set]:
+    """`prompts_per_subject` distinct contexts per subject, rendered without jitter (the ground truth)."""
+    seed, n = (b.seed, b.subjects) if split == "bench" else (b.val_seed, b.val_subjects)
+    rng = np.random.default_rng(seed)
+    subjects = world.sample_subjects(rng, n, exclude=exclude)
     contexts = world.all_contexts()
     if b.prompts_per_subject > len(contexts):
         raise config.ConfigError(f"params.yaml: bench.prompts_per_subject must be <= {len(contexts)}")
     rows = []
     for i, s in enumerate(subjects):
         for k in rng.choice(len(contexts), b.prompts_per_subject, replace=False):
-            rows.append(triplet_row(f"bench-{i:05d}-{k:03d}", i, s, contexts[k], w.image_size, (0.0, 0.0)))
+            rows.append(triplet_row(f"{split}-{i:05d}-{k:03d}", i, s, contexts[k], w.image_size, (0.0, 0.0)))
     return rows, {s.key for s in subjects}
 
 
@@ -52,12 +56,13 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
 def main():
     w, p, b = config.load("world", "prepare", "bench")
     bench, bench_keys = bench_rows(w, b)
-    train = train_rows(w, p, bench_keys)
-    written = manifest.write_shards(train, TRAIN_DIR, manifest.TRIPLET_SCHEMA, p.shard_rows)
-    written += manifest.write_shards(bench, BENCH_DIR, manifest.TRIPLET_SCHEMA, p.shard_rows)
-    stage.log.info("prepare: %d train triplets (%d subjects), %d bench rows (%d subjects)", len(train),
-                   p.train_subjects, len(bench), b.subjects)
-    return [TRAIN_DIR, BENCH_DIR]
+    val, val_keys = bench_rows(w, b, "val", exclude=bench_keys)
+    train = train_rows(w, p, bench_keys | val_keys)
+    for rows, path in ((train, TRAIN_DIR), (bench, BENCH_DIR), (val, VAL_DIR)):
+        manifest.write_shards(rows, path, manifest.TRIPLET_SCHEMA, p.shard_rows)
+    stage.log.info("prepare: %d train triplets (%d subjects), %d bench rows (%d subjects), %d validation rows "
+                   "(%d subjects)", len(train), p.train_subjects, len(bench), b.subjects, len(val), b.val_subjects)
+    return [TRAIN_DIR, BENCH_DIR, VAL_DIR]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""What the generating stages share: bench arrays, seeded generation of manifest rows, summaries, and the
+guidance scale chosen by the `guidance` stage (METHOD.md section 6; issue: compare at a well-tuned guidance)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config, manifest, stage, world
+from .model import SubjectFlux, seeded_noise
+
+MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
+GUIDANCE_FILE = "reports/guidance.json"
+SEED_TAG = 2   # keeps evaluation's noise streams apart from CDNS's (stages/cdns.py)
+
+
+def sample_seed(base: int, row: int, k: int) -> int:
+    return stage.derive_seed(SEED_TAG, base, row, k)
+
+
+def bench_arrays(table, path: str) -> dict:
+    """Decoded images, prompts and labels of a triplet manifest (bench or validation split)."""
+    return {"refs": manifest.decode_column(table, "ref_png", path),
+            "truth": manifest.decode_column(table, "target_png", path),
+            "masks": manifest.decode_column(table, "mask_png", path),
+            "prompts": table.column("prompt").to_pylist(),
+            "labels": {k: table.column(k).to_numpy() for k in world.ATTRS}}
+
+
+def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
+             guidance: float, desc: str) -> np.ndarray:
+    """uint8 samples (N, H, W, 3), one per (reference, prompt, seed); each sample's noise comes from its seed."""
+    out = []
+    for i in stage.progress(range(0, len(seeds), sampler.batch_size), desc=desc):
+        sl = slice(i, i + sampler.batch_size)
+        noise = seeded_noise(seeds[sl], (3, *refs.shape[1:3]))
+        x = model.sample(torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl], noise, sampler.steps,
+                         guidance, sampler.shift)
+        out.append(manifest.to_uint8(x))
+    return np.concatenate(out)
+
+
+def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: int, sampler: config.Sampler,
+                       guidance: float, desc: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Generate every row `seeds_per_row` times and score each image; returns (row index per image, images,
+    per-image scores)."""
+    rows = np.repeat(np.arange(len(b["prompts"])), seeds_per_row)
+    seeds = [sample_seed(base_seed, int(r), k) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
+    prompts = [b["prompts"][r] for r in rows]
+    samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc)
+    scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},
+                          b["truth"][rows], b["masks"][rows])
+    return rows, samples, {**scores, "seed": np.array(seeds)}
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict:
+    out = {k: float(np.mean(scores[k])) for k in MEASURES}
+    out.update({k: float(np.mean(v)) for k, v in scores.items() if k.startswith("acc_")})
+    return out
+
+
+def chosen_guidance(path: str | Path = GUIDANCE_FILE) -> float:
+    """The guidance scale the `guidance` stage chose on the validation split."""
+    path = Path(path)
+    if not path.exists():
+        raise config.ConfigError(f"{path}: missing; run `dvc repro guidance`")
+    return float(json.loads(path.read_text())["chosen"])
