@@ -165,19 +165,21 @@ class Cdns:
     image: str = "blur"
     text: str = "generic"
     blur_radius: float = 2.0      # Gaussian blur radius in pixels at world.image_size
+    noise_std: float = 0.3        # `image: noise`: pixel noise std as a fraction of the 0-255 range
     workers: int = 2              # Ray actors (one GPU each where CUDA exists, else one CPU slot each)
     threads_per_worker: int = 1
     shard_rows: int = 64
     ray_address: str = ""         # "" starts a local Ray on loopback; "auto" or host:port joins a cluster
 
-    IMAGE_CHOICES = ("blur", "none")
-    TEXT_CHOICES = ("generic", "none")
+    IMAGE_CHOICES = ("blur", "noise", "semantic", "none")
+    TEXT_CHOICES = ("generic", "perturbed", "none")
 
     def check(self):
         _choice(self.image, self.IMAGE_CHOICES, "cdns.image")
         _choice(self.text, self.TEXT_CHOICES, "cdns.text")
         _require(math.isfinite(self.blur_radius) and self.blur_radius >= 0, "cdns.blur_radius",
                  f"must be a finite number >= 0, got {self.blur_radius}")
+        _require(math.isfinite(self.noise_std) and self.noise_std >= 0, "cdns.noise_std", "must be >= 0")
         for k in ("workers", "threads_per_worker", "shard_rows"):
             _require(getattr(self, k) >= 1, f"cdns.{k}", "must be >= 1")
         _require(self.num_triplets >= 0, "cdns.num_triplets", "must be >= 0")
@@ -191,12 +193,16 @@ class Sfo:
     lr: float = 5e-4
     lora_rank: int = 16
     lora_alpha: float = 16.0
+    timesteps: str = "logit_normal"   # or "uniform" (the paper's Table C)
     timestep_mu: float = 0.0
     timestep_sigma: float = 1.0
     grad_clip: float = 1.0
     log_every: int = 10
 
+    TIMESTEP_CHOICES = ("logit_normal", "uniform")
+
     def check(self):
+        _choice(self.timesteps, self.TIMESTEP_CHOICES, "sfo.timesteps")
         for k in ("steps", "pairs_per_step", "log_every"):
             _require(getattr(self, k) >= 1, f"sfo.{k}", "must be >= 1")
         _require(self.lora_rank >= 1, "sfo.lora_rank", f"must be >= 1, got {self.lora_rank}")
@@ -207,9 +213,12 @@ class Sfo:
 @dataclass(frozen=True)
 class Loss:
     beta: float = 1000.0          # METHOD.md 4, for the mean-reduced error
+    sft_weight: float = 0.0       # optional SFT term on the positives (0 = the paper's loss)
 
     def check(self):
         _positive(self, "loss", "beta")
+        _require(math.isfinite(self.sft_weight) and self.sft_weight >= 0, "loss.sft_weight",
+                 f"must be a finite number >= 0, got {self.sft_weight}")
 
 
 @dataclass(frozen=True)

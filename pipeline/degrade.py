@@ -1,13 +1,18 @@
 """CDNS condition degradations (METHOD.md section 3): what the SFT base is given to produce a near-miss.
 
-Image: Gaussian blur of the reference (PIL's GaussianBlur; `radius` is its sigma in pixels at the image's
-resolution), erasing pattern and mark while keeping class and colour; or `none`.
-Text: the prompt replaced by the generic "a photo of a {class}"; or `none`.
+Image (`cdns.image`): `blur`, a Gaussian blur of the reference (PIL's GaussianBlur; the radius is its sigma in
+pixels at the image's resolution) that erases pattern and mark but keeps class and colour; `noise`, Gaussian
+pixel noise; `semantic`, the target scene itself instead of the plain-background reference (the paper's
+Table 4); `none`.
+Text (`cdns.text`): `generic`, "a photo of a {class}"; `perturbed`, the prompt with one context attribute
+swapped (the world's "hallucinated caption"); `none`.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from . import world
 
 
 def blur(img: np.ndarray, radius: float) -> np.ndarray:
@@ -17,17 +22,39 @@ def blur(img: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
 
 
-def degrade_image(img: np.ndarray, kind: str, blur_radius: float) -> np.ndarray:
+def add_noise(img: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian pixel noise of `std` (a fraction of the 0-255 range), clipped."""
+    return np.clip(img + rng.normal(0.0, std * 255.0, img.shape), 0, 255).astype(np.uint8)
+
+
+def degrade_image(ref: np.ndarray, target: np.ndarray, kind: str, blur_radius: float, noise_std: float,
+                  rng: np.random.Generator) -> np.ndarray:
     if kind == "blur":
-        return blur(img, blur_radius)
+        return blur(ref, blur_radius)
+    if kind == "noise":
+        return add_noise(ref, noise_std, rng)
+    if kind == "semantic":
+        return target.copy()
     if kind == "none":
-        return img.copy()
+        return ref.copy()
     raise ValueError(f"unknown image degradation {kind!r}")
 
 
-def degrade_text(prompt: str, generic_prompt: str, kind: str) -> str:
+def perturbed_prompt(cls: int, ctx: world.Context, rng: np.random.Generator) -> str:
+    """The prompt of the same class with one context attribute (background, position or size) changed."""
+    attr = ("background", "position", "size")[rng.integers(3)]
+    n = len(world.CONTEXT_ATTRS[attr])
+    value = (getattr(ctx, attr) + 1 + rng.integers(n - 1)) % n          # any other value
+    subject = world.Subject(cls, 0, 0, 0, 0, 0, 0, 0)                    # prompts name the class only
+    return world.prompt(subject, world.Context(**{**ctx.__dict__, attr: int(value)}))
+
+
+def degrade_text(prompt: str, generic_prompt: str, kind: str, cls: int, ctx: world.Context,
+                 rng: np.random.Generator) -> str:
     if kind == "generic":
         return generic_prompt
+    if kind == "perturbed":
+        return perturbed_prompt(cls, ctx, rng)
     if kind == "none":
         return prompt
     raise ValueError(f"unknown text degradation {kind!r}")

@@ -20,6 +20,11 @@ def logit_normal(n: int, mu: float = 0.0, sigma: float = 1.0, generator: torch.G
     return torch.sigmoid(mu + sigma * torch.randn(n, generator=generator, device=device))
 
 
+def uniform(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """t ~ U(0, 1), the ablation of the paper's Table C. Shape (n,)."""
+    return torch.rand(n, generator=generator, device=device)
+
+
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
     """Sampling times from 1 to 0, (steps + 1,), optionally shifted towards noise: t' = s t / (1 + (s - 1) t)."""
     t = torch.linspace(1.0, 0.0, steps + 1)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import config, degrade, evaluation, manifest, stage
+from .. import config, degrade, evaluation, manifest, stage, world
 from ..model import SubjectFlux, seeded_noise
 
 DATA, MODEL, OUT_DIR, REPORT = "data/train", "models/sft", "data/negatives", "reports/cdns.json"
@@ -43,13 +43,20 @@ class NegativeWorker:
             self.model.to("cuda")
 
     def generate(self, shard: dict, cfg: config.Cdns, out_path: str) -> str:
-        refs = [manifest.decode_png(b, f"{DATA}: row id={i!r}") for i, b in zip(shard["id"], shard["ref_png"])]
-        cond = np.stack([degrade.degrade_image(r, cfg.image, cfg.blur_radius) for r in refs])
-        prompts = [degrade.degrade_text(p, gp, cfg.text) for p, gp in zip(shard["prompt"], shard["generic_prompt"])]
+        cond, prompts = [], []
+        for i, row_id in enumerate(shard["id"]):
+            where = f"{DATA}: row id={row_id!r}"
+            rng = np.random.default_rng(shard["seed"][i])     # the row's own stream: same result on any worker
+            ref, target = (manifest.decode_png(shard[c][i], where) for c in ("ref_png", "target_png"))
+            ctx = world.Context(shard["background"][i], shard["position"][i], shard["size"][i])
+            cond.append(degrade.degrade_image(ref, target, cfg.image, cfg.blur_radius, cfg.noise_std, rng))
+            prompts.append(degrade.degrade_text(shard["prompt"][i], shard["generic_prompt"][i], cfg.text,
+                                                shard["cls"][i], ctx, rng))
+        cond = np.stack(cond)
         negs = []
         device = next(self.model.parameters()).device
         s = self.sampler
-        for i in range(0, len(refs), s.batch_size):
+        for i in range(0, len(cond), s.batch_size):
             sl = slice(i, i + s.batch_size)
             noise = seeded_noise(shard["seed"][sl], (3, *cond.shape[1:3])).to(device)
             x = self.model.sample(torch.from_numpy(manifest.to_float(cond[sl])).to(device), prompts[sl], noise,
@@ -80,7 +87,8 @@ def main():
         raise config.ConfigError(f"{MODEL}: no trained SFT base; run `dvc repro sft`")
     n = table.num_rows if cfg.num_triplets == 0 else min(cfg.num_triplets, table.num_rows)
     table = table.slice(0, n)
-    data = {k: table.column(k).to_pylist() for k in ("id", "ref_png", "prompt", "generic_prompt")}
+    data = {k: table.column(k).to_pylist() for k in ("id", "ref_png", "target_png", "prompt", "generic_prompt",
+                                                       "cls", "background", "position", "size")}
     data["seed"] = [negative_seed(cfg.seed, i) for i in range(n)]
     shards = [{k: v[i:i + cfg.shard_rows] for k, v in data.items()} for i in range(0, n, cfg.shard_rows)]
     shard_dir = Path(OUT_DIR) / "shards"
@@ -105,7 +113,7 @@ def main():
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
     report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "image": cfg.image,
-              "text": cfg.text, "blur_radius": cfg.blur_radius, "guidance": guidance,
+              "text": cfg.text, "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
               "sampler": sampler.__dict__}
     stage.write_json(REPORT, report)
     stage.log.info("cdns: %d negatives in %d shards by %d Ray workers", n, len(shards), cfg.workers)

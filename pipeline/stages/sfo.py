@@ -38,15 +38,25 @@ def load_pairs():
             train.column("prompt").to_pylist())
 
 
-def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, beta: float):
-    """One SFO loss evaluation: policy on [x+; x-] as one batch, reference (adapter off) likewise, no grad."""
+def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
+    if cfg.timesteps == "uniform":
+        return flow.uniform(n, generator=g)
+    return flow.logit_normal(n, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
+
+
+def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss):
+    """One SFO loss evaluation: policy on [x+; x-] as one batch, reference (adapter off) likewise, no grad.
+    With `loss.sft_weight` > 0 the positives' mean error is added (an SFT anchor; 0 is the paper's loss)."""
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
     err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
     with torch.no_grad(), adapters_disabled(model):
         ref_pos, ref_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
-    return flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, beta)
+    loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
+    if loss_cfg.sft_weight:
+        loss = loss + loss_cfg.sft_weight * err_pos.mean()
+    return loss, stats
 
 
 def main():
@@ -69,8 +79,8 @@ def main():
         c = model.condition(refs[idx], [prompts[i] for i in idx.tolist()])
         x_pos, x_neg = model.tokens(pos[idx]), model.tokens(neg[idx])
         eps = torch.randn(x_pos.shape, generator=g)
-        t = flow.logit_normal(cfg.pairs_per_step, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
-        loss, stats = sfo_step(model, c, x_pos, x_neg, t, eps, loss_cfg.beta)
+        t = sample_t(cfg, cfg.pairs_per_step, g)
+        loss, stats = sfo_step(model, c, x_pos, x_neg, t, eps, loss_cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
