@@ -29,8 +29,10 @@ class World:
     image_size: int = 32          # pixels; the patch size of `model` must divide it
     seed: int = 0                 # seed of the training subjects, contexts and jitter
     jitter: float = 0.0           # max shift (px) of a target's subject from its nominal position (uniform)
+    reference_size: str = "target"   # reference drawn at its target's size ("target") or the mean size ("fixed")
 
     def check(self):
+        _choice(self.reference_size, ("target", "fixed"), "world.reference_size")
         _require(self.image_size >= 8, "world.image_size", "must be >= 8")
         _require(self.jitter >= 0, "world.jitter", "must be >= 0")
 

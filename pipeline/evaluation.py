@@ -13,11 +13,11 @@ from .model import SubjectFlux, seeded_noise
 
 MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
 GUIDANCE_FILE = "reports/guidance.json"
-SEED_TAG = 2   # keeps evaluation's noise streams apart from CDNS's (stages/cdns.py)
+SEED_TAG, GUIDANCE_SEED_TAG = 2, 3   # noise streams apart from each other and from CDNS's (tag 1)
 
 
-def sample_seed(base: int, row: int, k: int) -> int:
-    return stage.derive_seed(SEED_TAG, base, row, k)
+def sample_seed(base: int, row: int, k: int, tag: int = SEED_TAG) -> int:
+    return stage.derive_seed(tag, base, row, k)
 
 
 def bench_arrays(table, path: str) -> dict:
@@ -43,11 +43,11 @@ def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: li
 
 
 def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: int, sampler: config.Sampler,
-                       guidance: float, desc: str) -> tuple[np.ndarray, np.ndarray, dict]:
+                       guidance: float, desc: str, tag: int = SEED_TAG) -> tuple[np.ndarray, np.ndarray, dict]:
     """Generate every row `seeds_per_row` times and score each image; returns (row index per image, images,
     per-image scores)."""
     rows = np.repeat(np.arange(len(b["prompts"])), seeds_per_row)
-    seeds = [sample_seed(base_seed, int(r), k) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
+    seeds = [sample_seed(base_seed, r, k, tag) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
     prompts = [b["prompts"][r] for r in rows]
     samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc)
     scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},

@@ -18,7 +18,7 @@ from PIL import Image
 from .config import ConfigError
 from .world import ATTRS
 
-# The triplet manifest (data/train, data/bench): one row per (subject, context).
+# The triplet manifest (data/train, data/bench, data/val): one row per (subject, context).
 TRIPLET_SCHEMA = pa.schema(
     [("id", pa.string()), ("subject_id", pa.int64())]
     + [(k, pa.int64()) for k in ("cls", "body_color", "pattern", "pattern_color", "pattern_scale",
@@ -30,7 +30,7 @@ TRIPLET_SCHEMA = pa.schema(
 NEGATIVE_SCHEMA = pa.schema([
     ("id", pa.string()), ("neg_png", pa.binary()), ("cond_png", pa.binary()), ("neg_prompt", pa.string()),
     ("image_degradation", pa.string()), ("text_degradation", pa.string()), ("blur_radius", pa.float64()),
-    ("seed", pa.int64())])
+    ("noise_std", pa.float64()), ("seed", pa.int64())])
 
 assert set(ATTRS) <= set(TRIPLET_SCHEMA.names)
 

@@ -206,14 +206,15 @@ def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray, period: float, a
 
 
 def render(subject: Subject, ctx: Context, size: int = 32, jitter: tuple[float, float] = (0.0, 0.0),
-           reference: bool = False) -> tuple[np.ndarray, np.ndarray]:
+           reference: bool = False, reference_size: str = "target") -> tuple[np.ndarray, np.ndarray]:
     """Render `subject` in `ctx`; with `reference=True`, alone and centred on a plain background, at the
-    size `ctx` asks for (the reference of a triplet is drawn at its target's scale).
+    size `ctx` asks for (`reference_size="target"`: copying is a translation) or at the mean size ("fixed").
 
     Returns (image uint8 (H, W, 3), subject mask bool (H, W)). `jitter` shifts the subject by (dx, dy) px.
     """
     s = size / 32.0   # the pattern tables are in pixels at 32 px
-    r = tuple(SIZES.values())[ctx.size] * size
+    fixed = reference and reference_size == "fixed"
+    r = (np.mean(tuple(SIZES.values())) if fixed else tuple(SIZES.values())[ctx.size]) * size
     if reference:
         cx, cy = size / 2, size / 2
         bg = np.broadcast_to(np.array(REFERENCE_BACKGROUND, np.float32), (size, size, 3))

@@ -1,14 +1,15 @@
 """Stage `cdns`: Condition-Degradation Negative Sampling on Ray (METHOD.md section 3).
 
 Reads params `cdns` and `sampler`, `data/train`, `models/sft` and `reports/guidance.json`. For the first
-`cdns.num_triplets` training triplets, the SFT base samples one negative from degraded conditions (blurred
-reference, generic prompt) with the evaluation's sampler settings and guidance scale. Ray actors each load the
-model once and take shards of rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file written under a
-temporary name and renamed. The driver then joins the shards into `data/negatives/manifest.parquet`
+`cdns.num_triplets` training triplets, the SFT base samples one negative from degraded conditions
+(`cdns.image`, `cdns.text`; by default a blurred reference and the generic prompt, see pipeline/degrade.py) with
+the evaluation's sampler settings and guidance scale. Ray actors each load the model once and take shards of
+rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file written under
+a temporary name and renamed. The driver then joins the shards into `data/negatives/manifest.parquet`
 (manifest.NEGATIVE_SCHEMA), exactly one row per input triplet, and writes `reports/cdns.json`.
 
-A negative's noise comes from its own seed (`cdns.seed` and the row's index), so the output does not depend
-on the number of workers or on which worker took which shard.
+A negative's noise and degradation randomness come from its own seed (`cdns.seed` and the row's index), so
+the output does not depend on the number of workers or on which worker took which shard.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class NegativeWorker:
             negs.extend(manifest.to_uint8(x))
         rows = [{"id": i, "neg_png": manifest.encode_png(n), "cond_png": manifest.encode_png(c), "neg_prompt": p,
                  "image_degradation": cfg.image, "text_degradation": cfg.text, "blur_radius": cfg.blur_radius,
-                 "seed": sd} for i, n, c, p, sd in zip(shard["id"], negs, cond, prompts, shard["seed"])]
+                 "noise_std": cfg.noise_std, "seed": sd} for i, n, c, p, sd in zip(shard["id"], negs, cond, prompts, shard["seed"])]
         manifest.write_table_atomic(pa.Table.from_pylist(rows, schema=manifest.NEGATIVE_SCHEMA), out_path)
         return out_path
 

@@ -25,7 +25,7 @@ def render_set(n: int, w: config.World, rng: np.random.Generator) -> dict:
     for s in stage.progress(subjects, desc="judges: render"):
         ca, cb = world.sample_context(rng), world.sample_context(rng)
         ja, jb = rng.uniform(-w.jitter, w.jitter, 2), rng.uniform(-w.jitter, w.jitter, 2)
-        out["ref"].append(world.render(s, ca, w.image_size, reference=True)[0])
+        out["ref"].append(world.render(s, ca, w.image_size, reference=True, reference_size=w.reference_size)[0])
         out["a"].append(world.render(s, ca, w.image_size, tuple(ja))[0])
         out["b"].append(world.render(s, cb, w.image_size, tuple(jb))[0])
         out["cap_a"].append(world.caption(s, ca))

@@ -15,8 +15,8 @@ TRAIN_DIR, BENCH_DIR, VAL_DIR = "data/train", "data/bench", "data/val"
 
 
 def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world.Context, size: int,
-                jitter: tuple[float, float]) -> dict:
-    ref, _ = world.render(subject, ctx, size, reference=True)
+                jitter: tuple[float, float], reference_size: str = "target") -> dict:
+    ref, _ = world.render(subject, ctx, size, reference=True, reference_size=reference_size)
     target, mask = world.render(subject, ctx, size, jitter)
     return {"id": row_id, "subject_id": subject_id, **world.attribute_labels(subject, ctx),
             "pattern_scale": subject.pattern_scale, "pattern_angle": subject.pattern_angle,
@@ -37,7 +37,8 @@ def bench_rows(w: config.World, b: config.Bench, split: str = "bench", exclude: 
     rows = []
     for i, s in enumerate(subjects):
         for k in rng.choice(len(contexts), b.prompts_per_subject, replace=False):
-            rows.append(triplet_row(f"{split}-{i:05d}-{k:03d}", i, s, contexts[k], w.image_size, (0.0, 0.0)))
+            rows.append(triplet_row(f"{split}-{i:05d}-{k:03d}", i, s, contexts[k], w.image_size, (0.0, 0.0),
+                                    w.reference_size))
     return rows, {s.key for s in subjects}
 
 
@@ -49,7 +50,7 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
         for k in range(p.targets_per_subject):
             ctx = world.sample_context(rng)
             jitter = tuple(rng.uniform(-w.jitter, w.jitter, 2))
-            rows.append(triplet_row(f"train-{i:06d}-{k:02d}", i, s, ctx, w.image_size, jitter))
+            rows.append(triplet_row(f"train-{i:06d}-{k:02d}", i, s, ctx, w.image_size, jitter, w.reference_size))
     return rows
 
 

@@ -3,7 +3,7 @@
 Reads params `sfo` and `loss`, `data/train`, `data/negatives/manifest.parquet` and `models/sft`. The policy is
 the SFT base plus a trainable rank-`sfo.lora_rank` LoRA; the reference is the same model with that LoRA
 switched off (no second copy of the weights). Each step takes `sfo.pairs_per_step` pairs (x+, x-) with their
-original conditions, one t (logit-normal) and one eps per pair shared by its two images, runs positives and
+original conditions, one t (`sfo.timesteps`) and one eps per pair shared by its two images, runs positives and
 negatives through the policy as one batch and through the reference as one no-grad batch, and minimises
 L_SFO (flow.sfo_loss). Writes the adapter to `models/sfo` and the diagnostics to `reports/sfo/train.csv`.
 """
@@ -55,7 +55,9 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
         ref_pos, ref_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
     if loss_cfg.sft_weight:
+        stats["sft_term"] = err_pos.mean().detach()
         loss = loss + loss_cfg.sft_weight * err_pos.mean()
+        stats["loss"] = loss.detach()
     return loss, stats
 
 
