@@ -29,7 +29,7 @@ class World:
     image_size: int = 32          # pixels; the patch size of `model` must divide it
     seed: int = 0                 # seed of the training subjects, contexts and jitter
     jitter: float = 0.0           # max shift (px) of a target's subject from its nominal position (uniform)
-    reference_size: str = "target"   # reference drawn at its target's size ("target") or the mean size ("fixed")
+    reference_size: str = "fixed"    # reference drawn at the mean size ("fixed") or at its target's ("target")
 
     def check(self):
         _choice(self.reference_size, ("target", "fixed"), "world.reference_size")
@@ -119,6 +119,8 @@ class Sft:
     grad_clip: float = 1.0
     generic_prompt_prob: float = 0.25   # METHOD.md 8: degraded conditions must stay on-manifold for CDNS
     text_dropout: float = 0.1           # empty prompt (classifier-free guidance's unconditional branch)
+    ref_blur_prob: float = 0.0          # blur the reference (target stays sharp): coherent CDNS negatives
+    ref_blur_radii: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
     timestep_mu: float = 0.0            # logit-normal t = sigmoid(n), n ~ N(mu, sigma)
     timestep_sigma: float = 1.0
     log_every: int = 25
@@ -129,8 +131,10 @@ class Sft:
         _positive(self, "sft", "lr", "timestep_sigma", "grad_clip")
         _finite(self, "sft", "timestep_mu", "weight_decay")
         _require(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
-        for k in ("generic_prompt_prob", "text_dropout"):
+        for k in ("generic_prompt_prob", "text_dropout", "ref_blur_prob"):
             _require(0 <= getattr(self, k) <= 1, f"sft.{k}", "must be in [0, 1]")
+        _require(all(math.isfinite(r) and r >= 0 for r in self.ref_blur_radii), "sft.ref_blur_radii",
+                 "must be finite numbers >= 0")
 
 
 @dataclass(frozen=True)

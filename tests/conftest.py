@@ -17,7 +17,7 @@ SMOKE_PARAMS = {
                "clip_steps": 3},
     "model": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
               "axes_dims_rope": [4, 6, 6], "text_dim": 16, "pooled_dim": 16},
-    "sft": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2},
+    "sft": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "ref_blur_prob": 0.5},
     "sampler": {"steps": 2, "batch_size": 4},
     "guidance": {"scales": [1.0, 2.0]},
     "cdns": {"num_triplets": 10, "shard_rows": 4, "workers": 2},

@@ -3,15 +3,18 @@
 Reads params `model` and `sft`, and `data/train`. Writes `models/sft` (diffusers layout: transformer/,
 text_encoder/, text_encoder_2/, tokenizer/, subject_flux.json) and `reports/sft/train.csv` (loss curve).
 The embedded backbone is trained from scratch with full weights; prompts are replaced by the generic prompt
-with probability `generic_prompt_prob` and dropped with probability `text_dropout`.
+with probability `generic_prompt_prob` and dropped with probability `text_dropout`; with probability
+`ref_blur_prob` the reference is blurred (a radius from `ref_blur_radii`) while the target stays sharp, so that
+the base answers a degraded reference with a coherent subject whose details it must guess: CDNS's near-miss.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from .. import config, flow, manifest, stage, world
+from .. import config, degrade, flow, manifest, stage, world
 from ..model import SubjectFlux
 
 DATA, OUT_DIR, CURVE = "data/train", "models/sft", "reports/sft/train.csv"
@@ -23,6 +26,23 @@ def load_triplets(path: str):
     refs = torch.from_numpy(manifest.to_float(manifest.decode_column(table, "ref_png", path)))
     targets = torch.from_numpy(manifest.to_float(manifest.decode_column(table, "target_png", path)))
     return table, refs, targets
+
+
+def blurred_copies(table, radii: list[float], path: str) -> list[torch.Tensor]:
+    """The references blurred at each radius (PIL, the same blur CDNS uses), precomputed once."""
+    refs = manifest.decode_column(table, "ref_png", path)
+    return [torch.from_numpy(manifest.to_float(np.stack([degrade.blur(r, rad) for r in refs]))) for rad in radii]
+
+
+def pick_refs(refs, blurred, idx, g: torch.Generator, cfg: config.Sft) -> torch.Tensor:
+    out = refs[idx]
+    if blurred and cfg.ref_blur_prob > 0:
+        use = torch.rand(len(idx), generator=g) < cfg.ref_blur_prob
+        which = torch.randint(0, len(blurred), (len(idx),), generator=g)
+        for k, b in enumerate(blurred):
+            sel = use & (which == k)
+            out[sel] = b[idx[sel]]
+    return out
 
 
 def pick_prompts(prompts, generic, idx, u, cfg: config.Sft) -> list[str]:
@@ -47,6 +67,7 @@ def main():
     stage.set_threads()
     table, refs, targets = load_triplets(DATA)
     prompts, generic = table.column("prompt").to_pylist(), table.column("generic_prompt").to_pylist()
+    blurred = blurred_copies(table, cfg.ref_blur_radii, DATA) if cfg.ref_blur_prob > 0 else []
     model = SubjectFlux.build(mcfg, targets.shape[-1], world.vocabulary(), cfg.seed)
     model.text.encode(sorted(set(prompts) | set(generic) | {""}))   # fill the prompt cache once
     stage.seed_everything(cfg.seed)
@@ -63,7 +84,8 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-        c = model.condition(refs[idx], pick_prompts(prompts, generic, idx, torch.rand(cfg.batch_size, generator=g), cfg))
+        ref = pick_refs(refs, blurred, idx, g, cfg)
+        c = model.condition(ref, pick_prompts(prompts, generic, idx, torch.rand(cfg.batch_size, generator=g), cfg))
         x = model.tokens(targets[idx])
         eps = torch.randn(x.shape, generator=g)
         t = flow.logit_normal(cfg.batch_size, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
