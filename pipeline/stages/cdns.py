@@ -13,7 +13,6 @@ the output does not depend on the number of workers or on which worker took whic
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
