@@ -102,7 +102,11 @@ class Conditioning:
 class SubjectFlux(torch.nn.Module):
     """FluxTransformer2DModel + frozen text encoders + pixel-patch tokens + the subject branch."""
 
-    def __init__(self, transformer: FluxTransformer2DModel, text: TextEncoder, cfg: Model, image_size: int):
+    guidance: float = 1.0   # the embedded guidance value of a guidance-distilled transformer (FLUX.1-dev)
+
+    def __init__(self, transformer: FluxTransformer2DModel, text: TextEncoder | None, cfg: Model, image_size: int):
+        """`image_size` is the side of what `tokens` patchifies: pixels here, VAE latents at real scale.
+        `text` may be None when every caller brings its own prompt embeddings (the GPU benchmark)."""
         super().__init__()
         if image_size % cfg.patch_size:
             raise ConfigError(f"params.yaml: model.patch_size={cfg.patch_size} does not divide the image size "
@@ -159,12 +163,12 @@ class SubjectFlux(torch.nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         """Predicted velocity tokens (B, N, D) for noisy tokens x_t (B, N, D) at times t (B,) in [0, 1]."""
         tr = self.transformer
-        temb = tr.time_text_embed(t.to(x_t.dtype) * 1000, c.pooled)                       # noisy branch and text
+        temb = self._temb(t.to(x_t.dtype), c.pooled)                                      # noisy branch and text
         txt = tr.context_embedder(c.txt)
         branches, tembs, ids = [tr.x_embedder(x_t)], [temb], [self.txt_ids, self.img_ids]
         if c.cond is not None:                                                            # the subject branch
             branches.append(tr.x_embedder(c.cond))
-            tembs.append(tr.time_text_embed(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))  # clean: t = 0
+            tembs.append(self._temb(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))      # clean: t = 0
             ids.append(self.cond_ids)
         rope = tr.pos_embed(torch.cat(ids))
         for block in tr.transformer_blocks:
@@ -172,6 +176,13 @@ class SubjectFlux(torch.nn.Module):
         for block in tr.single_transformer_blocks:
             txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope)
         return tr.proj_out(tr.norm_out(branches[0], temb))
+
+    def _temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Time (+ guidance, for guidance-distilled FLUX.1-dev) + pooled-text embedding; diffusers scales by 1000."""
+        tr = self.transformer
+        if tr.config.guidance_embeds:
+            return tr.time_text_embed(t * 1000, torch.full_like(t, self.guidance) * 1000, pooled)
+        return tr.time_text_embed(t * 1000, pooled)
 
     def _maybe_checkpoint(self, fn, *args):
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
@@ -194,6 +205,24 @@ class SubjectFlux(torch.nn.Module):
             def velocity(x, t):
                 return self(x, t, c)
         return self.images(flow.euler_sample(velocity, self.tokens(noise), steps, shift)).clamp(-1, 1)
+
+
+@contextlib.contextmanager
+def adapters_active(model: SubjectFlux, names: list[str]):
+    """Run with only the LoRA adapters `names` switched on, all frozen (the reference of a two-LoRA model is its
+    SFT LoRA alone), then restore the active adapters and every parameter's requires_grad: peft's set_adapter
+    marks each active adapter trainable, so the flags are put back explicitly."""
+    tr = model.transformer
+    before = tr.active_adapters()
+    grads = {n: p.requires_grad for n, p in tr.named_parameters()}
+    try:
+        tr.set_adapters(names)
+        tr.requires_grad_(False)
+        yield
+    finally:
+        tr.set_adapters(before)
+        for n, p in tr.named_parameters():
+            p.requires_grad_(grads[n])
 
 
 @contextlib.contextmanager

@@ -124,3 +124,47 @@ def test_save_and_load_pretrained(model, tmp_path):
 def test_patch_size_must_divide_image_size():
     with pytest.raises(ConfigError, match="model.patch_size=4 does not divide the image size 18"):
         SubjectFlux.build(TINY, 18, world.vocabulary(), seed=0)
+
+
+def test_two_lora_reference_is_the_first_lora_alone_and_stays_frozen(model):
+    """Real scale: the policy is SFT LoRA + SFO LoRA, the reference the SFT LoRA alone (adapters_active)."""
+    from pipeline.model import adapters_active
+    c = model.condition(torch.rand(2, 3, 16, 16) * 2 - 1, PROMPTS)
+    x, t = torch.randn(2, 16, 48), torch.tensor([0.3, 0.9])
+    sft = add_lora(model, "sft", 4, 4)
+    for p in sft:
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        sft_only = model(x, t, c)
+    sfo = add_lora(model, "sfo", 8, 8)
+    model.transformer.set_adapters(["sft", "sfo"])
+    model.requires_grad_(False)
+    for p in sfo:
+        torch.nn.init.normal_(p, std=0.05)
+        p.requires_grad_(True)
+    with torch.no_grad():
+        policy = model(x, t, c)
+    with torch.no_grad(), adapters_active(model, ["sft"]):
+        reference = model(x, t, c)
+        assert not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(reference, sft_only) and not torch.allclose(policy, reference, atol=1e-4)
+    assert model.transformer.active_adapters() == ["sft", "sfo"]          # restored, with the same grads
+    assert all(p.requires_grad for p in sfo) and not any(p.requires_grad for p in sft)
+
+
+def test_guidance_embedding_of_a_distilled_transformer_is_used():
+    """FLUX.1-dev embeds a guidance value: the forward feeds `SubjectFlux.guidance` to it."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=48, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    m = SubjectFlux(tr, None, TINY, 16).eval()
+    c = Conditioning(torch.randn(1, 16, 48), torch.randn(1, TINY.max_text_len, 16), torch.randn(1, 16))
+    x, t = torch.randn(1, 16, 48), torch.tensor([0.5])
+    with torch.no_grad():
+        m.guidance = 1.0
+        a = m(x, t, c)
+        m.guidance = 3.5
+        b = m(x, t, c)
+    assert a.shape == (1, 16, 48) and not torch.allclose(a, b)

@@ -44,14 +44,16 @@ def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
     return flow.logit_normal(n, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
 
 
-def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss):
-    """One SFO loss evaluation: policy on [x+; x-] as one batch, reference (adapter off) likewise, no grad.
-    With `loss.sft_weight` > 0 the positives' mean error is added (an SFT anchor; 0 is the paper's loss)."""
+def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
+             reference=adapters_disabled):
+    """One SFO loss evaluation: policy on [x+; x-] as one batch, reference (inside the context `reference(model)`:
+    by default the SFO adapter off) likewise, no grad. With `loss.sft_weight` > 0 the positives' mean error is
+    added (an SFT anchor; 0 is the paper's loss)."""
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
     err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
-    with torch.no_grad(), adapters_disabled(model):
+    with torch.no_grad(), reference(model):
         ref_pos, ref_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
     if loss_cfg.sft_weight:
