@@ -22,5 +22,9 @@ repro: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Timings and memory of the hot paths on this machine -> reports/bench.json (docs/performance.md); ~10 min.
+bench: setup
+	$(BIN)/python bench/cpu.py --out reports/bench.json
+
 clean-venv:
 	rm -rf $(VENV)

@@ -138,6 +138,15 @@ class Sft:
 
 
 @dataclass(frozen=True)
+class Train:
+    """Resumable training, shared by `sft` and `sfo` (pipeline/checkpoint.py)."""
+    checkpoint_every: int = 100   # steps between checkpoints in checkpoints/<stage>/ (the last step needs none)
+
+    def check(self):
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Sampler:
     """Shared by `guidance`, `cdns` and `evaluate`: negatives are sampled exactly as evaluation samples.
     The guidance scale is not set here: the `guidance` stage chooses it on the validation split."""
@@ -203,7 +212,7 @@ class Sfo:
     timestep_mu: float = 0.0
     timestep_sigma: float = 1.0
     grad_clip: float = 1.0
-    log_every: int = 10
+    log_every: int = 1
 
     TIMESTEP_CHOICES = ("logit_normal", "uniform")
 
@@ -237,7 +246,7 @@ class Evaluate:
 
 
 SECTIONS = {"world": World, "prepare": Prepare, "bench": Bench, "judges": Judges, "model": Model, "sft": Sft,
-            "sampler": Sampler, "guidance": Guidance, "cdns": Cdns, "sfo": Sfo, "loss": Loss, "evaluate": Evaluate}
+            "train": Train, "sampler": Sampler, "guidance": Guidance, "cdns": Cdns, "sfo": Sfo, "loss": Loss, "evaluate": Evaluate}
 
 
 # ---------------------------------------------------------------------------------------------------------

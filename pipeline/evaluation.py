@@ -3,12 +3,13 @@ guidance scale chosen by the `guidance` stage (METHOD.md section 6; issue: compa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import config, manifest, stage, world
+from . import checkpoint, config, manifest, stage, world
 from .model import SubjectFlux, seeded_noise
 
 MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
@@ -30,26 +31,41 @@ def bench_arrays(table, path: str) -> dict:
 
 
 def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
-             guidance: float, desc: str) -> np.ndarray:
-    """uint8 samples (N, H, W, 3), one per (reference, prompt, seed); each sample's noise comes from its seed."""
+             guidance: float, desc: str, work=None) -> np.ndarray:
+    """uint8 samples (N, H, W, 3), one per (reference, prompt, seed); each sample's noise comes from its seed.
+    With a `checkpoint.WorkDir`, each batch is saved there (atomically) and reused by a rerun after a kill."""
     out = []
-    for i in stage.progress(range(0, len(seeds), sampler.batch_size), desc=desc):
+    for k, i in enumerate(stage.progress(range(0, len(seeds), sampler.batch_size), desc=desc)):
         sl = slice(i, i + sampler.batch_size)
+        path = work.dir / f"batch-{k:05d}.npy" if work is not None else None
+        if path is not None and path.exists():
+            batch = np.load(path, allow_pickle=False)
+            if batch.shape == (len(seeds[sl]), *refs.shape[1:]) and batch.dtype == np.uint8:
+                out.append(batch)
+                continue
+            stage.log.warning("%s: %s does not match its batch; regenerating it", desc, path)
         noise = seeded_noise(seeds[sl], (3, *refs.shape[1:3]))
         x = model.sample(torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl], noise, sampler.steps,
                          guidance, sampler.shift)
         out.append(manifest.to_uint8(x))
+        if path is not None:
+            tmp = path.with_name(f"tmp-{path.name}")
+            with open(tmp, "wb") as f:
+                np.save(f, out[-1], allow_pickle=False)
+            checkpoint.fault_point("evaluate:batch")
+            os.replace(tmp, path)
     return np.concatenate(out)
 
 
 def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: int, sampler: config.Sampler,
-                       guidance: float, desc: str, tag: int = SEED_TAG) -> tuple[np.ndarray, np.ndarray, dict]:
+                       guidance: float, desc: str, tag: int = SEED_TAG, work=None
+                       ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Generate every row `seeds_per_row` times and score each image; returns (row index per image, images,
     per-image scores)."""
     rows = np.repeat(np.arange(len(b["prompts"])), seeds_per_row)
     seeds = [sample_seed(base_seed, r, k, tag) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
     prompts = [b["prompts"][r] for r in rows]
-    samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc)
+    samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc, work)
     scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},
                           b["truth"][rows], b["masks"][rows])
     return rows, samples, {**scores, "seed": np.array(seeds)}

@@ -265,7 +265,8 @@ def add_lora(model: SubjectFlux, name: str, rank: int, alpha: float) -> list[tor
 
 def save_lora(model: SubjectFlux, directory: str | Path, name: str):
     """The adapter as safetensors with keys prefixed `transformer.` (the layout diffusers' LoRA loaders read)
-    and its LoraConfig in the metadata, serialised deterministically."""
+    and its LoraConfig in the metadata, serialised deterministically: one metadata key only, because
+    safetensors writes the metadata map in a per-process random order."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -275,7 +276,7 @@ def save_lora(model: SubjectFlux, directory: str | Path, name: str):
     cfg = {k: (sorted(v) if isinstance(v, (set, list)) and k == "target_modules" else v)
            for k, v in model.transformer.peft_config[name].to_dict().items()}
     save_file({f"transformer.{k}": v.contiguous() for k, v in sorted(state.items())}, str(directory / LORA_FILE),
-              metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, sort_keys=True, default=list)})
+              metadata={LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, sort_keys=True, default=list)})
 
 
 def load_lora(model: SubjectFlux, directory: str | Path, name: str):

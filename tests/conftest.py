@@ -18,6 +18,7 @@ SMOKE_PARAMS = {
     "model": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
               "axes_dims_rope": [4, 6, 6], "text_dim": 16, "pooled_dim": 16},
     "sft": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "ref_blur_prob": 0.5},
+    "train": {"checkpoint_every": 2},
     "sampler": {"steps": 2, "batch_size": 4},
     "guidance": {"scales": [1.0, 2.0]},
     "cdns": {"num_triplets": 10, "shard_rows": 4, "workers": 2},
@@ -61,14 +62,29 @@ def git_commit(repo: Path, message: str):
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], repo)
 
 
-@pytest.fixture(scope="session")
-def smoke_repo(tmp_path_factory) -> Path:
-    """A copy of the project with smoke params, its DAG reproduced once (shared by the end-to-end tests)."""
-    repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
+def make_smoke_repo(dst: Path) -> Path:
+    """A copy of the project with smoke params, committed in a new git repo (its DAG not yet run)."""
+    repo = copy_repo(dst)
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
     run(["git", "init", "-q"], repo)
     git_commit(repo, "smoke")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory) -> Path:
+    """A copy of the project with smoke params, its DAG reproduced once (shared by the end-to-end tests)."""
+    repo = make_smoke_repo(tmp_path_factory.mktemp("smoke") / "repo")
     p = run([sys.executable, "-m", "dvc", "repro"], repo)
     (repo / "repro.log").write_text(p.stdout + p.stderr)
     git_commit(repo, "smoke run")
     return repo
+
+
+@pytest.fixture
+def work_repo(smoke_repo, tmp_path):
+    """A copy of the smoke repo with all its outputs (an uninterrupted run), to kill stages or plant bad
+    input in; stages are run in it directly, without DVC."""
+    dst = tmp_path / "repo"
+    shutil.copytree(smoke_repo, dst, symlinks=True, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    return dst

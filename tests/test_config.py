@@ -33,6 +33,8 @@ def test_repository_params_are_valid():
     ("sft", {"steps": 2.5}, "sft.steps must be an integer"),
     ("sft", {"generic_prompt_prob": 1.5}, r"sft.generic_prompt_prob must be in \[0, 1\]"),
     ("sfo", {"lora_rank": 0}, "sfo.lora_rank must be >= 1"),
+    ("sfo", {"timesteps": "cosine"}, "sfo.timesteps must be one of"),
+    ("train", {"checkpoint_every": 0}, "train.checkpoint_every must be >= 1"),
     ("sfo", {"lr": float("inf")}, "sfo.lr must be finite"),
     ("sfo", {"bogus": 1}, r"unknown key\(s\) \['sfo.bogus'\]"),
     ("bench", {"subjects": 0}, "bench.subjects must be >= 1"),

@@ -54,6 +54,25 @@ def test_second_repro_is_a_noop(smoke_repo):
     assert ran_stages(p.stdout + p.stderr) == set()
 
 
+def test_two_clean_runs_give_identical_outputs(smoke_repo, tmp_path):
+    """Determinism on CPU: a second clean clone's `dvc repro` records the same hash for every output and
+    writes the same metrics (compared with the first run as committed, before any experiment)."""
+    import yaml
+    from conftest import make_smoke_repo
+    other = make_smoke_repo(tmp_path / "repo")
+    run([sys.executable, "-m", "dvc", "repro"], other)
+
+    def outs(lock_text):
+        lock = yaml.safe_load(lock_text)
+        return {(stage, o["path"]): o["md5"] for stage, body in lock["stages"].items() for o in body.get("outs", [])}
+
+    first = outs(run(["git", "show", "HEAD:dvc.lock"], smoke_repo).stdout)
+    second = outs((other / "dvc.lock").read_text())
+    assert len(first) >= 15 and first == second
+    assert run(["git", "show", "HEAD:reports/metrics.json"], smoke_repo).stdout == \
+        (other / "reports/metrics.json").read_text()
+
+
 def test_changing_beta_reruns_only_sfo_and_what_depends_on_it(smoke_repo):
     p = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "loss.beta=500"], smoke_repo)
     assert ran_stages(p.stdout + p.stderr) == {"sfo", "evaluate@sfo", "metrics"}

@@ -4,9 +4,12 @@ Reads params `cdns` and `sampler`, `data/train`, `models/sft` and `reports/guida
 `cdns.num_triplets` training triplets, the SFT base samples one negative from degraded conditions
 (`cdns.image`, `cdns.text`; by default a blurred reference and the generic prompt, see pipeline/degrade.py) with
 the evaluation's sampler settings and guidance scale. Ray actors each load the model once and take shards of
-rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file written under
-a temporary name and renamed. The driver then joins the shards into `data/negatives/manifest.parquet`
-(manifest.NEGATIVE_SCHEMA), exactly one row per input triplet, and writes `reports/cdns.json`.
+rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file in
+`checkpoints/cdns/` (kept by DVC across runs), written under a temporary name and renamed. A rerun after a kill
+skips the shards that are complete and valid. An actor whose process dies is restarted by Ray and its shard
+retried (`MAX_RETRIES`); a shard that fails with an error stops the stage with the shard and the error. The
+driver then joins the shards into `data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row
+per input triplet, writes `reports/cdns.json` and empties the work directory.
 
 A negative's noise and degradation randomness come from its own seed (`cdns.seed` and the row's index), so
 the output does not depend on the number of workers or on which worker took which shard.
@@ -19,10 +22,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import config, degrade, evaluation, manifest, stage, world
+from .. import checkpoint, config, degrade, evaluation, manifest, stage, world
 from ..model import SubjectFlux, seeded_noise
 
 DATA, MODEL, OUT_DIR, REPORT = "data/train", "models/sft", "data/negatives", "reports/cdns.json"
+WORK = "checkpoints/cdns"
+MAX_RETRIES = 3   # restarts of a dead actor, and retries of the shard it held
 
 
 SEED_TAG = 1   # keeps the negatives' noise streams apart from evaluation's (evaluation.SEED_TAG)
@@ -41,6 +46,9 @@ class NegativeWorker:
         self.model = SubjectFlux.from_pretrained(model_dir).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
+
+    def ready(self) -> bool:
+        return True
 
     def generate(self, shard: dict, cfg: config.Cdns, out_path: str) -> str:
         cond, prompts = [], []
@@ -65,6 +73,7 @@ class NegativeWorker:
         rows = [{"id": i, "neg_png": manifest.encode_png(n), "cond_png": manifest.encode_png(c), "neg_prompt": p,
                  "image_degradation": cfg.image, "text_degradation": cfg.text, "blur_radius": cfg.blur_radius,
                  "noise_std": cfg.noise_std, "seed": sd} for i, n, c, p, sd in zip(shard["id"], negs, cond, prompts, shard["seed"])]
+        checkpoint.fault_point("cdns:worker-shard")
         manifest.write_table_atomic(pa.Table.from_pylist(rows, schema=manifest.NEGATIVE_SCHEMA), out_path)
         return out_path
 
@@ -79,6 +88,50 @@ def start_ray(cfg: config.Cdns):
     return ray
 
 
+def make_shards(table, cfg: config.Cdns) -> list[dict]:
+    """The triplets' columns a worker needs, each row with its own negative seed, in `cdns.shard_rows` shards."""
+    data = {k: table.column(k).to_pylist() for k in ("id", "ref_png", "target_png", "prompt", "generic_prompt",
+                                                       "cls", "background", "position", "size")}
+    data["seed"] = [negative_seed(cfg.seed, i) for i in range(table.num_rows)]
+    return [{k: v[i:i + cfg.shard_rows] for k, v in data.items()} for i in range(0, table.num_rows, cfg.shard_rows)]
+
+
+def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler, guidance: float):
+    """`cdns.workers` actors (one GPU each where CUDA exists), each with the model loaded; returns their pool."""
+    gpus = 1 if torch.cuda.is_available() else 0
+    actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus, max_restarts=MAX_RETRIES,
+                           max_task_retries=MAX_RETRIES)(NegativeWorker)
+    actors = [actor_cls.remote(str(Path(model_dir).resolve()), sampler, guidance, cfg.threads_per_worker)
+              for _ in range(cfg.workers)]
+    ray.get([a.ready.remote() for a in actors])
+    return ray.util.ActorPool(actors)
+
+
+def run_shards(pool, cfg: config.Cdns, shards: list[dict], paths: list[str]):
+    """Each shard to the next free actor; returns when every shard file is written. A shard whose task fails
+    (an error in it, or an actor lost more than MAX_RETRIES times) stops the stage, naming the shard."""
+    jobs = list(zip(shards, paths))
+    results = pool.map_unordered(lambda a, job: a.generate.remote(job[0], cfg, job[1]), jobs)
+    for done in stage.progress(range(len(jobs)), desc="cdns: shards"):
+        try:
+            next(results)
+        except Exception as e:        # RayTaskError / RayActorError, carrying the worker's message
+            raise RuntimeError(f"cdns: a shard failed after {MAX_RETRIES} retries ({type(e).__name__}): "
+                               f"{str(e)[-1500:]}") from None
+        checkpoint.fault_point("cdns:shard-done")
+
+
+def valid_shard(path: Path, shard: dict) -> bool:
+    """A shard file from an earlier, interrupted run is reused only if it reads and holds exactly its rows."""
+    if not path.exists():
+        return False
+    try:
+        return manifest.read(path, manifest.NEGATIVE_SCHEMA).column("id").to_pylist() == shard["id"]
+    except config.ConfigError as e:
+        stage.log.warning("cdns: %s is not a valid shard (%s); regenerating it", path, e)
+        return False
+
+
 def main():
     cfg, sampler = config.load("cdns", "sampler")
     guidance = evaluation.chosen_guidance()
@@ -86,36 +139,32 @@ def main():
     if not (Path(MODEL) / "subject_flux.json").exists():
         raise config.ConfigError(f"{MODEL}: no trained SFT base; run `dvc repro sft`")
     n = table.num_rows if cfg.num_triplets == 0 else min(cfg.num_triplets, table.num_rows)
-    table = table.slice(0, n)
-    data = {k: table.column(k).to_pylist() for k in ("id", "ref_png", "target_png", "prompt", "generic_prompt",
-                                                       "cls", "background", "position", "size")}
-    data["seed"] = [negative_seed(cfg.seed, i) for i in range(n)]
-    shards = [{k: v[i:i + cfg.shard_rows] for k, v in data.items()} for i in range(0, n, cfg.shard_rows)]
-    shard_dir = Path(OUT_DIR) / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    paths = [str((shard_dir / f"shard-{k:05d}.parquet").resolve()) for k in range(len(shards))]
-
-    ray = start_ray(cfg)
-    try:
-        gpus = 1 if torch.cuda.is_available() else 0
-        actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus)(NegativeWorker)
-        actors = [actor_cls.remote(str(Path(MODEL).resolve()), sampler, guidance, cfg.threads_per_worker)
-                  for _ in range(cfg.workers)]
-        pool = ray.util.ActorPool(actors)
-        jobs = pool.map_unordered(lambda a, job: a.generate.remote(job[0], cfg, job[1]), list(zip(shards, paths)))
-        for _ in stage.progress(jobs, total=len(shards), desc="cdns: shards"):
-            pass
-    finally:
-        ray.shutdown()
+    shards = make_shards(table.slice(0, n), cfg)
+    ids = [i for shard in shards for i in shard["id"]]
+    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint(
+        {"cdns": cfg, "sampler": sampler, "guidance": {"chosen": guidance}}, [DATA, MODEL],
+        ignore=("cdns.workers", "cdns.threads_per_worker", "cdns.ray_address")))
+    paths = [(work.dir / f"shard-{k:05d}.parquet").resolve() for k in range(len(shards))]
+    todo = [k for k, (shard, path) in enumerate(zip(shards, paths)) if not valid_shard(path, shard)]
+    stage.log.info("cdns: %d triplets in %d shards, %d already complete", n, len(shards), len(shards) - len(todo))
+    if todo:
+        ray = start_ray(cfg)
+        try:
+            pool = start_workers(ray, cfg, MODEL, sampler, guidance)
+            run_shards(pool, cfg, [shards[k] for k in todo], [str(paths[k]) for k in todo])
+        finally:
+            ray.shutdown()
 
     negatives = pa.concat_tables([manifest.read(p, manifest.NEGATIVE_SCHEMA) for p in paths])
-    if negatives.column("id").to_pylist() != data["id"]:
+    if negatives.column("id").to_pylist() != ids:
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
+    checkpoint.fault_point("cdns:manifest")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
     report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "image": cfg.image,
               "text": cfg.text, "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
               "sampler": sampler.__dict__}
     stage.write_json(REPORT, report)
+    work.finish({"stage": "cdns", "negatives": n})
     stage.log.info("cdns: %d negatives in %d shards by %d Ray workers", n, len(shards), cfg.workers)
     return [OUT_DIR, REPORT]
 

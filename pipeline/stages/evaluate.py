@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import config, evaluation, manifest, stage
+from .. import checkpoint, config, evaluation, manifest, stage
 from ..judges import PROTOCOL, Judges
 from ..model import SubjectFlux, load_lora
 
@@ -48,10 +48,14 @@ def main():
     b = evaluation.bench_arrays(table, BENCH)
     judges = Judges.load(JUDGES)
     model = load_model(name)
+    inputs = [BENCH, BASE] + ([MODELS[name]] if MODELS[name] else [])
+    work = checkpoint.WorkDir(f"checkpoints/evaluate-{name}", checkpoint.fingerprint(
+        {"sampler": sampler, "bench": {"seeds": bench_cfg.seeds}, "evaluate": cfg, "guidance": {"chosen": guidance}},
+        inputs, ignore=("evaluate.grid_subjects",)))
 
     k = bench_cfg.seeds
     rows, samples, scores = evaluation.generate_and_score(model, judges, b, k, cfg.seed, sampler, guidance,
-                                                          f"evaluate {name}")
+                                                          f"evaluate {name}", work=work)
     out = Path("reports/eval") / name
     subject_ids = table.column("subject_id").to_pylist()
     metrics = {**evaluation.summarize(scores), "n_images": len(samples), "n_subjects": len(set(subject_ids)),
@@ -65,6 +69,7 @@ def main():
             w.writerow([ids[r], scores["seed"][i], *(f"{scores[m][i]:.6g}" for m in evaluation.MEASURES)])
     first_row_of_subject = sorted({s: i for i, s in reversed(list(enumerate(subject_ids)))}.values())
     save_grid(out / "grid.png", b["refs"], b["truth"], samples, first_row_of_subject[:cfg.grid_subjects], k)
+    work.finish({"stage": f"evaluate {name}", "images": len(samples)})
     stage.log.info("evaluate %s (guidance %g): %s", name, guidance,
                    {m: round(metrics[m], 4) for m in evaluation.MEASURES})
     return [out]

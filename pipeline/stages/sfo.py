@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from .. import config, flow, manifest, stage
+from .. import checkpoint, config, flow, manifest, stage
 from ..model import Conditioning, SubjectFlux, adapters_disabled, add_lora, save_lora
 
 DATA, NEGATIVES, BASE = "data/train", "data/negatives/manifest.parquet", "models/sft"
-OUT_DIR, CURVE = "models/sfo", "reports/sfo/train.csv"
+OUT_DIR, CURVE, WORK = "models/sfo", "reports/sfo/train.csv", "checkpoints/sfo"
 ADAPTER = "sfo"
 T_BINS = 4
 
@@ -52,9 +52,9 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
-    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
-    with torch.no_grad(), reference(model):
+    with torch.no_grad(), reference(model):     # first: its transient memory is reused by the policy's pass
         ref_pos, ref_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
+    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
     if loss_cfg.sft_weight:
         stats["sft_term"] = err_pos.mean().detach()
@@ -64,20 +64,24 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
 
 
 def main():
-    cfg, loss_cfg = config.load("sfo", "loss")
+    cfg, loss_cfg, tcfg = config.load("sfo", "loss", "train")
     stage.set_threads()
     pos, neg, refs, prompts = load_pairs()
     model = SubjectFlux.from_pretrained(BASE)
+    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"sfo": cfg, "loss": loss_cfg}, [DATA, NEGATIVES, BASE]))
     stage.seed_everything(cfg.seed)
     params = add_lora(model, ADAPTER, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.text.encode(sorted(set(prompts)))
     g = torch.Generator().manual_seed(cfg.seed)
+    start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sfo: %d pairs, LoRA rank %d (%d trainable parameters), beta %g, %d steps of %d pairs", n,
-                   cfg.lora_rank, sum(p.numel() for p in params), loss_cfg.beta, cfg.steps, cfg.pairs_per_step)
-    rows, window, bins = [], [], [[] for _ in range(T_BINS)]
-    bar = stage.progress(range(cfg.steps), desc="sfo")
+    stage.log.info("sfo: %d pairs, LoRA rank %d (%d trainable parameters), beta %g, %d steps of %d pairs%s", n,
+                   cfg.lora_rank, sum(p.numel() for p in params), loss_cfg.beta, cfg.steps, cfg.pairs_per_step,
+                   f", resumed from step {start}" if start else "")
+    rows, window = state.get("rows", []), state.get("window", [])
+    bins = state.get("bins", [[] for _ in range(T_BINS)])
+    bar = stage.progress(range(start, cfg.steps), desc="sfo", initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.pairs_per_step,), generator=g)
         c = model.condition(refs[idx], [prompts[i] for i in idx.tolist()])
@@ -88,6 +92,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        checkpoint.fault_point("sfo:step")
         opt.step()
         pair_loss = stats.pop("pair_loss")
         window.append({k: v.item() for k, v in stats.items()})
@@ -99,10 +104,14 @@ def main():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
             window, bins = [], [[] for _ in range(T_BINS)]
+        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, "sfo")
+    checkpoint.fault_point("sfo:save")
     stage.log.info("sfo: final loss %.4f, implicit accuracy %.2f, reward margin %.3g", rows[-1]["loss"],
                    rows[-1]["implicit_acc"], rows[-1]["reward_margin"])
     save_lora(model, OUT_DIR, ADAPTER)
     stage.write_csv(CURVE, rows)
+    work.finish({"stage": "sfo", "steps": cfg.steps})
     return [OUT_DIR, CURVE]
 
 

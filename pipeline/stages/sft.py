@@ -14,10 +14,10 @@ import math
 import numpy as np
 import torch
 
-from .. import config, degrade, flow, manifest, stage, world
+from .. import checkpoint, config, degrade, flow, manifest, stage, world
 from ..model import SubjectFlux
 
-DATA, OUT_DIR, CURVE = "data/train", "models/sft", "reports/sft/train.csv"
+DATA, OUT_DIR, CURVE, WORK = "data/train", "models/sft", "reports/sft/train.csv", "checkpoints/sft"
 T_BINS = 4   # loss per timestep bin, logged beside the loss (minRF-style)
 
 
@@ -63,23 +63,27 @@ def lr_at(step: int, cfg: config.Sft) -> float:
 
 
 def main():
-    mcfg, cfg = config.load("model", "sft")
+    mcfg, cfg, tcfg = config.load("model", "sft", "train")
     stage.set_threads()
     table, refs, targets = load_triplets(DATA)
     prompts, generic = table.column("prompt").to_pylist(), table.column("generic_prompt").to_pylist()
     blurred = blurred_copies(table, cfg.ref_blur_radii, DATA) if cfg.ref_blur_prob > 0 else []
-    model = SubjectFlux.build(mcfg, targets.shape[-1], world.vocabulary(), cfg.seed)
+    model = SubjectFlux.build(mcfg, targets.shape[-1], world.vocabulary(), cfg.seed)   # validates the model config
+    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"model": mcfg, "sft": cfg}, [DATA]))
     model.text.encode(sorted(set(prompts) | set(generic) | {""}))   # fill the prompt cache once
     stage.seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sft: %d triplets, %.2fM parameters, %d steps of %d", n,
-                   sum(p.numel() for p in model.transformer.parameters()) / 1e6, cfg.steps, cfg.batch_size)
+    stage.log.info("sft: %d triplets, %.2fM parameters, %d steps of %d%s", n,
+                   sum(p.numel() for p in model.transformer.parameters()) / 1e6, cfg.steps, cfg.batch_size,
+                   f", resumed from step {start}" if start else "")
 
-    rows, window, bins = [], [], [[] for _ in range(T_BINS)]
+    rows, window = state.get("rows", []), state.get("window", [])
+    bins = state.get("bins", [[] for _ in range(T_BINS)])
     model.train()
-    bar = stage.progress(range(cfg.steps), desc="sft")
+    bar = stage.progress(range(start, cfg.steps), desc="sft", initial=start, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -94,6 +98,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.transformer.parameters(), cfg.grad_clip)
+        checkpoint.fault_point("sft:step")
         opt.step()
         window.append(loss.item())
         for b, e in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), err.detach().tolist()):
@@ -104,10 +109,14 @@ def main():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             window, bins = [], [[] for _ in range(T_BINS)]
+        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, "sft")
+    checkpoint.fault_point("sft:save")
     stage.log.info("sft: final loss %.4f (first logged %.4f)", rows[-1]["loss"], rows[0]["loss"])
     model.eval()
     model.save_pretrained(OUT_DIR)
     stage.write_csv(CURVE, rows)
+    work.finish({"stage": "sft", "steps": cfg.steps})
     return [OUT_DIR, CURVE]
 
 
