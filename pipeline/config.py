@@ -95,8 +95,12 @@ class Model:
     pooled_dim: int = 32          # CLIP-text stand-in width (pooled_projection_dim)
     max_text_len: int = 12
     text_seed: int = 0            # seed of the frozen random text encoders
+    backbone: str = "embedded"    # the embedded world's pixel-patch FLUX; FLUX.1-dev arrives with issue 4
+
+    BACKBONES = ("embedded",)
 
     def check(self):
+        _choice(self.backbone, self.BACKBONES, "model.backbone")
         for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "text_dim",
                   "pooled_dim", "max_text_len"):
             _require(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
@@ -213,11 +217,18 @@ class Sfo:
     timestep_sigma: float = 1.0
     grad_clip: float = 1.0
     log_every: int = 1
+    pairs: str = "cdns"           # how (x+, x-) pairs are made: see PAIRS_CHOICES and docs/architecture.md
+    direct: bool = False          # train the SFT weights themselves (reference: a frozen copy) instead of a LoRA
 
     TIMESTEP_CHOICES = ("logit_normal", "uniform")
+    # cdns: x- from degraded conditions (the method); self_play: x- from the undegraded conditions;
+    # sft_additional: a LoRA trained with the SFT loss on the positives alone (the control);
+    # judge_dpo: two samples from the undegraded conditions, the one the DINO judge prefers is x+.
+    PAIRS_CHOICES = ("cdns", "self_play", "sft_additional", "judge_dpo")
 
     def check(self):
         _choice(self.timesteps, self.TIMESTEP_CHOICES, "sfo.timesteps")
+        _choice(self.pairs, self.PAIRS_CHOICES, "sfo.pairs")
         for k in ("steps", "pairs_per_step", "log_every"):
             _require(getattr(self, k) >= 1, f"sfo.{k}", "must be >= 1")
         _require(self.lora_rank >= 1, "sfo.lora_rank", f"must be >= 1, got {self.lora_rank}")

@@ -27,10 +27,11 @@ TRIPLET_SCHEMA = pa.schema(
        ("ref_png", pa.binary()), ("target_png", pa.binary()), ("mask_png", pa.binary())])
 
 # The negative manifest (data/negatives/manifest.parquet): one row per triplet that got a negative.
+# `pos_png` is null unless the pair's positive is not the triplet's target (sfo.pairs: judge_dpo).
 NEGATIVE_SCHEMA = pa.schema([
     ("id", pa.string()), ("neg_png", pa.binary()), ("cond_png", pa.binary()), ("neg_prompt", pa.string()),
     ("image_degradation", pa.string()), ("text_degradation", pa.string()), ("blur_radius", pa.float64()),
-    ("noise_std", pa.float64()), ("seed", pa.int64())])
+    ("noise_std", pa.float64()), ("seed", pa.int64()), ("pairs", pa.string()), ("pos_png", pa.binary())])
 
 assert set(ATTRS) <= set(TRIPLET_SCHEMA.names)
 

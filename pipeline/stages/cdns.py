@@ -1,9 +1,12 @@
 """Stage `cdns`: Condition-Degradation Negative Sampling on Ray (METHOD.md section 3).
 
-Reads params `cdns` and `sampler`, `data/train`, `models/sft` and `reports/guidance.json`. For the first
-`cdns.num_triplets` training triplets, the SFT base samples one negative from degraded conditions
-(`cdns.image`, `cdns.text`; by default a blurred reference and the generic prompt, see pipeline/degrade.py) with
-the evaluation's sampler settings and guidance scale. Ray actors each load the model once and take shards of
+Reads params `cdns`, `sampler` and `sfo.pairs`, `data/train`, `models/sft`, `models/judges` and
+`reports/guidance.json`. For the first `cdns.num_triplets` training triplets, the SFT base samples one negative
+from degraded conditions (`cdns.image`, `cdns.text`; by default a blurred reference and the generic prompt, see
+pipeline/degrade.py) with the evaluation's sampler settings and guidance scale. The paper's other pair
+constructions are made here too: `sfo.pairs: self_play` samples the negative from the undegraded conditions;
+`judge_dpo` samples twice from them and the DINO judge's preferred sample becomes the positive (`pos_png`);
+`sft_additional` keeps CDNS negatives, which the `sfo` stage then does not use. Ray actors each load the model once and take shards of
 rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file in
 `checkpoints/cdns/` (kept by DVC across runs), written under a temporary name and renamed. A rerun after a kill
 skips the shards that are complete and valid. An actor whose process dies is restarted by Ray and its shard
@@ -22,10 +25,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from transformers import ViTModel
+
 from .. import checkpoint, config, degrade, evaluation, manifest, stage, world
+from ..judges import dino_embed, to_pixels
 from ..model import SubjectFlux, seeded_noise
 
-DATA, MODEL, OUT_DIR, REPORT = "data/train", "models/sft", "data/negatives", "reports/cdns.json"
+DATA, MODEL, JUDGES = "data/train", "models/sft", "models/judges"
+OUT_DIR, REPORT = "data/negatives", "reports/cdns.json"
 WORK = "checkpoints/cdns"
 MAX_RETRIES = 3   # restarts of a dead actor, and retries of the shard it held
 
@@ -38,41 +45,69 @@ def negative_seed(base: int, index: int) -> int:
 
 
 class NegativeWorker:
-    """One per GPU (or CPU slot): loads the SFT base once, then turns shards of rows into negatives."""
+    """One per GPU (or CPU slot): loads the SFT base once (and the DINO judge for `judge_dpo`), then turns
+    shards of rows into negatives."""
 
-    def __init__(self, model_dir: str, sampler: config.Sampler, guidance: float, threads: int):
+    def __init__(self, model_dir: str, sampler: config.Sampler, guidance: float, threads: int, pairs: str = "cdns",
+                 judges_dir: str | None = None):
         torch.set_num_threads(threads)
-        self.sampler, self.guidance = sampler, guidance
+        self.sampler, self.guidance, self.pairs = sampler, guidance, pairs
         self.model = SubjectFlux.from_pretrained(model_dir).eval()
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.dino = None
+        if pairs == "judge_dpo":
+            if judges_dir is None or not (Path(judges_dir) / "dino").is_dir():
+                raise config.ConfigError(f"{judges_dir}/dino: sfo.pairs=judge_dpo needs the DINO judge; "
+                                         f"run `dvc repro judges`")
+            self.dino = ViTModel.from_pretrained(Path(judges_dir) / "dino").eval().to(self.device)
 
     def ready(self) -> bool:
         return True
 
+    def degradations(self, cfg: config.Cdns) -> tuple[str, str]:
+        """CDNS degrades the conditions; self-play and judge DPO sample from the conditions as they are."""
+        return (cfg.image, cfg.text) if self.pairs in ("cdns", "sft_additional") else ("none", "none")
+
+    def _sample(self, cond: np.ndarray, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        out, s = [], self.sampler
+        for i in range(0, len(cond), s.batch_size):
+            sl = slice(i, i + s.batch_size)
+            noise = seeded_noise(seeds[sl], (3, *cond.shape[1:3])).to(self.device)
+            x = self.model.sample(torch.from_numpy(manifest.to_float(cond[sl])).to(self.device), prompts[sl],
+                                  noise, s.steps, self.guidance, s.shift)
+            out.extend(manifest.to_uint8(x))
+        return np.stack(out)
+
+    @torch.no_grad()
+    def _dino_similarity(self, images: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        a, b = (dino_embed(self.dino, to_pixels(x).to(self.device)) for x in (images, refs))
+        return torch.nn.functional.cosine_similarity(a, b).cpu().numpy()
+
     def generate(self, shard: dict, cfg: config.Cdns, out_path: str) -> str:
-        cond, prompts = [], []
+        image_kind, text_kind = self.degradations(cfg)
+        cond, prompts, refs = [], [], []
         for i, row_id in enumerate(shard["id"]):
             where = f"{DATA}: row id={row_id!r}"
             rng = np.random.default_rng(shard["seed"][i])     # the row's own stream: same result on any worker
             ref, target = (manifest.decode_png(shard[c][i], where) for c in ("ref_png", "target_png"))
             ctx = world.Context(shard["background"][i], shard["position"][i], shard["size"][i])
-            cond.append(degrade.degrade_image(ref, target, cfg.image, cfg.blur_radius, cfg.noise_std, rng))
-            prompts.append(degrade.degrade_text(shard["prompt"][i], shard["generic_prompt"][i], cfg.text,
+            refs.append(ref)
+            cond.append(degrade.degrade_image(ref, target, image_kind, cfg.blur_radius, cfg.noise_std, rng))
+            prompts.append(degrade.degrade_text(shard["prompt"][i], shard["generic_prompt"][i], text_kind,
                                                 shard["cls"][i], ctx, rng))
-        cond = np.stack(cond)
-        negs = []
-        device = next(self.model.parameters()).device
-        s = self.sampler
-        for i in range(0, len(cond), s.batch_size):
-            sl = slice(i, i + s.batch_size)
-            noise = seeded_noise(shard["seed"][sl], (3, *cond.shape[1:3])).to(device)
-            x = self.model.sample(torch.from_numpy(manifest.to_float(cond[sl])).to(device), prompts[sl], noise,
-                                  s.steps, self.guidance, s.shift)
-            negs.extend(manifest.to_uint8(x))
+        cond, refs = np.stack(cond), np.stack(refs)
+        negs = self._sample(cond, prompts, shard["seed"])
+        positives = [None] * len(negs)
+        if self.pairs == "judge_dpo":     # a second sample per row; the judge's preferred one is the positive
+            second = self._sample(cond, prompts, [stage.derive_seed(SEED_TAG, s, 1) for s in shard["seed"]])
+            first_wins = self._dino_similarity(negs, refs) >= self._dino_similarity(second, refs)
+            positives = [manifest.encode_png(a if w else b) for a, b, w in zip(negs, second, first_wins)]
+            negs = np.where(first_wins[:, None, None, None], second, negs)
         rows = [{"id": i, "neg_png": manifest.encode_png(n), "cond_png": manifest.encode_png(c), "neg_prompt": p,
-                 "image_degradation": cfg.image, "text_degradation": cfg.text, "blur_radius": cfg.blur_radius,
-                 "noise_std": cfg.noise_std, "seed": sd} for i, n, c, p, sd in zip(shard["id"], negs, cond, prompts, shard["seed"])]
+                 "image_degradation": image_kind, "text_degradation": text_kind, "blur_radius": cfg.blur_radius,
+                 "noise_std": cfg.noise_std, "seed": sd, "pairs": self.pairs, "pos_png": pos}
+                for i, n, c, p, sd, pos in zip(shard["id"], negs, cond, prompts, shard["seed"], positives)]
         checkpoint.fault_point("cdns:worker-shard")
         manifest.write_table_atomic(pa.Table.from_pylist(rows, schema=manifest.NEGATIVE_SCHEMA), out_path)
         return out_path
@@ -96,13 +131,15 @@ def make_shards(table, cfg: config.Cdns) -> list[dict]:
     return [{k: v[i:i + cfg.shard_rows] for k, v in data.items()} for i in range(0, table.num_rows, cfg.shard_rows)]
 
 
-def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler, guidance: float):
+def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler, guidance: float,
+                  pairs: str = "cdns", judges_dir: str | None = None):
     """`cdns.workers` actors (one GPU each where CUDA exists), each with the model loaded; returns their pool."""
     gpus = 1 if torch.cuda.is_available() else 0
     actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus, max_restarts=MAX_RETRIES,
                            max_task_retries=MAX_RETRIES)(NegativeWorker)
-    actors = [actor_cls.remote(str(Path(model_dir).resolve()), sampler, guidance, cfg.threads_per_worker)
-              for _ in range(cfg.workers)]
+    judges_dir = str(Path(judges_dir).resolve()) if judges_dir else None
+    actors = [actor_cls.remote(str(Path(model_dir).resolve()), sampler, guidance, cfg.threads_per_worker, pairs,
+                               judges_dir) for _ in range(cfg.workers)]
     ray.get([a.ready.remote() for a in actors])
     return ray.util.ActorPool(actors)
 
@@ -133,7 +170,8 @@ def valid_shard(path: Path, shard: dict) -> bool:
 
 
 def main():
-    cfg, sampler = config.load("cdns", "sampler")
+    cfg, sampler, sfo_cfg = config.load("cdns", "sampler", "sfo")
+    pairs = sfo_cfg.pairs
     guidance = evaluation.chosen_guidance()
     table = manifest.read(DATA)
     if not (Path(MODEL) / "subject_flux.json").exists():
@@ -142,15 +180,17 @@ def main():
     shards = make_shards(table.slice(0, n), cfg)
     ids = [i for shard in shards for i in shard["id"]]
     work = checkpoint.WorkDir(WORK, checkpoint.fingerprint(
-        {"cdns": cfg, "sampler": sampler, "guidance": {"chosen": guidance}}, [DATA, MODEL],
+        {"cdns": cfg, "sampler": sampler, "guidance": {"chosen": guidance}, "sfo": {"pairs": pairs}},
+        [DATA, MODEL] + ([JUDGES] if pairs == "judge_dpo" else []),
         ignore=("cdns.workers", "cdns.threads_per_worker", "cdns.ray_address")))
     paths = [(work.dir / f"shard-{k:05d}.parquet").resolve() for k in range(len(shards))]
     todo = [k for k, (shard, path) in enumerate(zip(shards, paths)) if not valid_shard(path, shard)]
-    stage.log.info("cdns: %d triplets in %d shards, %d already complete", n, len(shards), len(shards) - len(todo))
+    stage.log.info("cdns: %d triplets in %d shards (%d already complete), pairs %s", n, len(shards),
+                   len(shards) - len(todo), pairs)
     if todo:
         ray = start_ray(cfg)
         try:
-            pool = start_workers(ray, cfg, MODEL, sampler, guidance)
+            pool = start_workers(ray, cfg, MODEL, sampler, guidance, pairs, JUDGES)
             run_shards(pool, cfg, [shards[k] for k in todo], [str(paths[k]) for k in todo])
         finally:
             ray.shutdown()
@@ -160,8 +200,8 @@ def main():
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
     checkpoint.fault_point("cdns:manifest")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
-    report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "image": cfg.image,
-              "text": cfg.text, "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
+    report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "pairs": pairs,
+              "image": negatives.column("image_degradation")[0].as_py(), "text": negatives.column("text_degradation")[0].as_py(), "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
               "sampler": sampler.__dict__}
     stage.write_json(REPORT, report)
     work.finish({"stage": "cdns", "negatives": n})

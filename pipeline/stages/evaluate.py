@@ -24,6 +24,9 @@ MODELS = {"sft": None, "sfo": "models/sfo"}   # model name -> its LoRA adapter o
 
 
 def load_model(name: str) -> SubjectFlux:
+    """The SFT base, plus the SFO adapter for `sfo`; a whole model directory (`sfo.direct`) is loaded as is."""
+    if MODELS[name] and (Path(MODELS[name]) / "subject_flux.json").exists():
+        return SubjectFlux.from_pretrained(MODELS[name]).eval()
     model = SubjectFlux.from_pretrained(BASE)
     if MODELS[name]:
         load_lora(model, MODELS[name], name)

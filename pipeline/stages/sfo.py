@@ -6,8 +6,16 @@ switched off (no second copy of the weights). Each step takes `sfo.pairs_per_ste
 original conditions, one t (`sfo.timesteps`) and one eps per pair shared by its two images, runs positives and
 negatives through the policy as one batch and through the reference as one no-grad batch, and minimises
 L_SFO (flow.sfo_loss). Writes the adapter to `models/sfo` and the diagnostics to `reports/sfo/train.csv`.
+
+Ablations: `sfo.pairs` picks the pairs (made by `cdns`, see there) and, for `sft_additional`, the SFT loss on
+the positives instead of L_SFO; `sfo.direct` trains all SFT weights against a frozen copy and writes a whole
+model directory to `models/sfo` instead of an adapter.
 """
 from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
 
 import numpy as np
 import pyarrow.compute as pc
@@ -23,7 +31,8 @@ T_BINS = 4
 
 
 def load_pairs():
-    """Positives (targets), negatives, references and prompts of every triplet that has a negative."""
+    """Positives, negatives, references and prompts of every triplet that has a negative. The positive is the
+    triplet's target, or the manifest's `pos_png` where it has one (judge DPO)."""
     negatives = manifest.read(NEGATIVES, manifest.NEGATIVE_SCHEMA)
     train = manifest.read(DATA)
     ids = negatives.column("id")
@@ -32,10 +41,15 @@ def load_pairs():
         missing = ids.filter(pc.is_null(idx))[0].as_py()
         raise config.ConfigError(f"{NEGATIVES}: row id={missing!r} has no triplet in {DATA}")
     train = train.take(idx)
+
     def img(table, col, src):
         return torch.from_numpy(manifest.to_float(manifest.decode_column(table, col, src)))
-    return (img(train, "target_png", DATA), img(negatives, "neg_png", NEGATIVES), img(train, "ref_png", DATA),
-            train.column("prompt").to_pylist())
+    pos = img(train, "target_png", DATA)
+    judged = negatives.column("pos_png").is_valid().to_numpy(zero_copy_only=False)
+    if judged.any():
+        rows = np.flatnonzero(judged)
+        pos[rows] = img(negatives.take(rows), "pos_png", NEGATIVES)
+    return pos, img(negatives, "neg_png", NEGATIVES), img(train, "ref_png", DATA), train.column("prompt").to_pylist()
 
 
 def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
@@ -45,40 +59,59 @@ def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
-             reference=adapters_disabled):
-    """One SFO loss evaluation: policy on [x+; x-] as one batch, reference (inside the context `reference(model)`:
-    by default the SFO adapter off) likewise, no grad. With `loss.sft_weight` > 0 the positives' mean error is
-    added (an SFT anchor; 0 is the paper's loss)."""
+             reference=adapters_disabled, reference_model: SubjectFlux | None = None, objective: str = "sfo"):
+    """One SFO loss evaluation: the reference on [x+; x-] as one no-grad batch (inside `reference(model)`: by
+    default the SFO adapter switched off; or a separate frozen `reference_model`), then the policy likewise.
+    With `loss.sft_weight` > 0 the positives' mean error is added (an SFT anchor; 0 is the paper's loss).
+    `objective="sft"` minimises the positives' error alone (the SFT-additional control), with the same
+    diagnostics."""
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
-    with torch.no_grad(), reference(model):     # first: its transient memory is reused by the policy's pass
-        ref_pos, ref_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
-    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
+    ref = reference_model if reference_model is not None else model
+    with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference(model)):
+        ref_pos, ref_neg = flow.per_sample_error(ref(x_t, t2, c2), x, eps2).chunk(2)   # first: its transient
+    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)     # memory is reused here
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
-    if loss_cfg.sft_weight:
+    if objective == "sft":
+        loss = err_pos.mean()
+        stats["loss"] = loss.detach()
+    elif loss_cfg.sft_weight:
         stats["sft_term"] = err_pos.mean().detach()
         loss = loss + loss_cfg.sft_weight * err_pos.mean()
         stats["loss"] = loss.detach()
     return loss, stats
 
 
+def policy_and_reference(cfg: config.Sfo) -> tuple[SubjectFlux, SubjectFlux | None, list]:
+    """The policy, a separate reference (only for `sfo.direct`) and the trainable parameters. By default the
+    policy is the SFT base plus a new LoRA and the reference is the same weights with it switched off."""
+    model = SubjectFlux.from_pretrained(BASE)
+    stage.seed_everything(cfg.seed)
+    if not cfg.direct:
+        return model, None, add_lora(model, ADAPTER, cfg.lora_rank, cfg.lora_alpha)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model.requires_grad_(False)
+    model.transformer.requires_grad_(True)
+    return model, reference, list(model.transformer.parameters())
+
+
 def main():
     cfg, loss_cfg, tcfg = config.load("sfo", "loss", "train")
     stage.set_threads()
     pos, neg, refs, prompts = load_pairs()
-    model = SubjectFlux.from_pretrained(BASE)
+    model, reference, params = policy_and_reference(cfg)
     work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"sfo": cfg, "loss": loss_cfg}, [DATA, NEGATIVES, BASE]))
-    stage.seed_everything(cfg.seed)
-    params = add_lora(model, ADAPTER, cfg.lora_rank, cfg.lora_alpha)
+    objective = "sft" if cfg.pairs == "sft_additional" else "sfo"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.text.encode(sorted(set(prompts)))
     g = torch.Generator().manual_seed(cfg.seed)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sfo: %d pairs, LoRA rank %d (%d trainable parameters), beta %g, %d steps of %d pairs%s", n,
-                   cfg.lora_rank, sum(p.numel() for p in params), loss_cfg.beta, cfg.steps, cfg.pairs_per_step,
-                   f", resumed from step {start}" if start else "")
+    stage.log.info("sfo: %d pairs (%s), %s (%d trainable parameters), %s, %d steps of %d pairs%s", n, cfg.pairs,
+                   "all SFT weights" if cfg.direct else f"LoRA rank {cfg.lora_rank}", sum(p.numel() for p in params),
+                   "SFT loss on the positives" if objective == "sft" else f"beta {loss_cfg.beta:g}", cfg.steps,
+                   cfg.pairs_per_step, f", resumed from step {start}" if start else "")
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
     bar = stage.progress(range(start, cfg.steps), desc="sfo", initial=start, total=cfg.steps)
@@ -88,7 +121,8 @@ def main():
         x_pos, x_neg = model.tokens(pos[idx]), model.tokens(neg[idx])
         eps = torch.randn(x_pos.shape, generator=g)
         t = sample_t(cfg, cfg.pairs_per_step, g)
-        loss, stats = sfo_step(model, c, x_pos, x_neg, t, eps, loss_cfg)
+        loss, stats = sfo_step(model, c, x_pos, x_neg, t, eps, loss_cfg, reference_model=reference,
+                               objective=objective)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -109,7 +143,11 @@ def main():
     checkpoint.fault_point("sfo:save")
     stage.log.info("sfo: final loss %.4f, implicit accuracy %.2f, reward margin %.3g", rows[-1]["loss"],
                    rows[-1]["implicit_acc"], rows[-1]["reward_margin"])
-    save_lora(model, OUT_DIR, ADAPTER)
+    shutil.rmtree(OUT_DIR, ignore_errors=True)      # an adapter and a whole model must not mix (run by hand)
+    if cfg.direct:
+        model.eval().save_pretrained(OUT_DIR)
+    else:
+        save_lora(model, OUT_DIR, ADAPTER)
     stage.write_csv(CURVE, rows)
     work.finish({"stage": "sfo", "steps": cfg.steps})
     return [OUT_DIR, CURVE]

@@ -1,0 +1,107 @@
+"""The paper's ablation switches each run their own code path: `sfo.pairs` (self-play, SFT-additional,
+judge DPO) through `cdns` and `sfo`, and `sfo.direct`. Run as DVC would, in a copy of the smoke DAG."""
+import csv
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import manifest
+from pipeline.judges import dino_embed, to_pixels
+from test_resume import run_stage
+
+
+def set_params(repo, **values):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in values.items():
+        section, name = key.split("__")
+        params[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_ok(repo, name, *args):
+    p = run_stage(repo, name, args=list(args))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def negatives(repo):
+    return pq.read_table(repo / "data/negatives/manifest.parquet")
+
+
+def curve(repo):
+    with open(repo / "reports/sfo/train.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_self_play_samples_the_negative_from_the_undegraded_conditions(work_repo):
+    set_params(work_repo, sfo__pairs="self_play")
+    run_ok(work_repo, "cdns")
+    t = negatives(work_repo)
+    assert set(t.column("image_degradation").to_pylist()) == {"none"} == set(t.column("text_degradation").to_pylist())
+    assert set(t.column("pairs").to_pylist()) == {"self_play"} and t.column("pos_png").null_count == t.num_rows
+    train = pq.read_table(work_repo / "data/train")
+    refs = dict(zip(train.column("id").to_pylist(), train.column("ref_png").to_pylist()))
+    prompts = dict(zip(train.column("id").to_pylist(), train.column("prompt").to_pylist()))
+    for i, cond, p in zip(t.column("id").to_pylist(), t.column("cond_png").to_pylist(), t.column("neg_prompt").to_pylist()):
+        assert np.array_equal(manifest.decode_png(cond, i), manifest.decode_png(refs[i], i)) and p == prompts[i]
+    run_ok(work_repo, "sfo")
+    assert len(curve(work_repo)) == 3
+
+
+def test_judge_dpo_positive_is_the_sample_the_dino_judge_prefers(work_repo, monkeypatch):
+    from transformers import ViTModel
+    set_params(work_repo, sfo__pairs="judge_dpo")
+    run_ok(work_repo, "cdns")
+    t = negatives(work_repo)
+    assert t.column("pos_png").null_count == 0 and set(t.column("pairs").to_pylist()) == {"judge_dpo"}
+    pos, neg = (manifest.decode_column(t, c, "neg") for c in ("pos_png", "neg_png"))
+    cond = manifest.decode_column(t, "cond_png", "neg")                       # the undegraded reference
+    dino = ViTModel.from_pretrained(work_repo / "models/judges/dino").eval()
+    with torch.no_grad():
+        sim = [torch.nn.functional.cosine_similarity(dino_embed(dino, to_pixels(x)), dino_embed(dino, to_pixels(cond)))
+               for x in (pos, neg)]
+    assert bool((sim[0] >= sim[1]).all()) and not np.array_equal(pos, neg)
+    monkeypatch.chdir(work_repo)                                              # sfo trains on those positives
+    from pipeline.stages.sfo import load_pairs
+    x_pos, x_neg, _, _ = load_pairs()
+    assert torch.equal(x_pos, torch.from_numpy(manifest.to_float(pos)))
+    run_ok(work_repo, "sfo")
+
+
+def test_sft_additional_trains_a_lora_on_the_positives_alone(work_repo):
+    before = load_file(work_repo / "models/sfo/pytorch_lora_weights.safetensors")
+    set_params(work_repo, sfo__pairs="sft_additional")
+    run_ok(work_repo, "cdns")
+    assert set(negatives(work_repo).column("image_degradation").to_pylist()) == {"blur"}
+    p = run_ok(work_repo, "sfo")
+    assert "SFT loss on the positives" in p.stderr
+    rows = curve(work_repo)
+    assert len(rows) == 3 and all(r["loss"] == r["err_pos"] for r in rows)       # the loss is the positives' error
+    after = load_file(work_repo / "models/sfo/pytorch_lora_weights.safetensors")
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in after)
+
+
+def test_direct_sfo_trains_the_sft_weights_and_evaluates(work_repo):
+    set_params(work_repo, sfo__direct=True)
+    run_ok(work_repo, "sfo")
+    out = work_repo / "models/sfo"
+    assert (out / "subject_flux.json").exists() and not (out / "pytorch_lora_weights.safetensors").exists()
+    sft = load_file(work_repo / "models/sft/transformer/diffusion_pytorch_model.safetensors")
+    sfo = load_file(out / "transformer/diffusion_pytorch_model.safetensors")
+    assert sft.keys() == sfo.keys() and any(not torch.equal(sft[k], sfo[k]) for k in sft)
+    run_ok(work_repo, "evaluate", "--model", "sfo")
+    assert (work_repo / "reports/eval/sfo/metrics.json").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sfo__pairs", "mirror", "sfo.pairs must be one of"),
+    ("model__backbone", "sdxl", "model.backbone must be one of"),
+])
+def test_unknown_ablation_choices_stop_the_stage(work_repo, key, value, message):
+    set_params(work_repo, **{key: value})
+    p = run_stage(work_repo, "sfo" if key.startswith("sfo") else "sft")
+    assert p.returncode == 2 and message in p.stderr
