@@ -33,6 +33,10 @@ NEGATIVE_SCHEMA = pa.schema([
     ("image_degradation", pa.string()), ("text_degradation", pa.string()), ("blur_radius", pa.float64()),
     ("noise_std", pa.float64()), ("seed", pa.int64()), ("pairs", pa.string()), ("pos_png", pa.binary())])
 
+# Evaluation samples (data/eval/<model>/): one row per generated bench image; id = "<row_id>/<k>".
+SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("row_id", pa.string()), ("k", pa.int64()), ("seed", pa.int64()),
+                           ("png", pa.binary())])
+
 assert set(ATTRS) <= set(TRIPLET_SCHEMA.names)
 
 

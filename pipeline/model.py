@@ -279,6 +279,30 @@ def save_lora(model: SubjectFlux, directory: str | Path, name: str):
               metadata={LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, sort_keys=True, default=list)})
 
 
+def load_trained(model_dir: str | Path, base: str | Path | None = None) -> SubjectFlux:
+    """A model directory the pipeline wrote, ready to sample: a whole model (`models/sft`, or `models/sfo` under
+    `sfo.direct`), or an SFO adapter on top of its base (`base`, by default the `sft` directory beside it)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no such model directory (train one with `dvc repro`)")
+    if (model_dir / "subject_flux.json").exists():
+        return SubjectFlux.from_pretrained(model_dir).eval()
+    if not (model_dir / LORA_FILE).exists():
+        raise ConfigError(f"{model_dir}: not a model directory written by the sft or sfo stage "
+                          f"(no subject_flux.json, no {LORA_FILE})")
+    base = Path(base) if base is not None else model_dir.parent / "sft"
+    if not (base / "subject_flux.json").exists():
+        raise ConfigError(f"{model_dir} holds an SFO adapter, and its base {base} is not a model directory; "
+                          f"pass the SFT base it was trained on")
+    model = SubjectFlux.from_pretrained(base)
+    try:
+        load_lora(model, model_dir, "sfo")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{model_dir}: the adapter does not fit the base {base} ({type(e).__name__}: "
+                          f"{str(e)[:300]})") from None
+    return model.eval()
+
+
 def load_lora(model: SubjectFlux, directory: str | Path, name: str):
     path = Path(directory) / LORA_FILE
     if not path.exists():

@@ -18,13 +18,13 @@ def ran_stages(log: str) -> set[str]:
 def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
     log = (smoke_repo / "repro.log").read_text()
     assert ran_stages(log) == {"prepare", "judges", "sft", "guidance", "cdns", "sfo", "evaluate@sft", "evaluate@sfo",
-                               "metrics"}
+                               "metrics", "report"}
     for path in ("data/train/shard-00000.parquet", "data/bench/shard-00000.parquet", "data/val/shard-00000.parquet",
                  "models/judges/dino",
                  "models/judges/clip", "models/judges/reader/model.safetensors", "models/sft/transformer",
                  "models/sft/text_encoder", "models/sft/text_encoder_2", "models/sft/tokenizer",
                  "models/sft/subject_flux.json", "models/sfo/pytorch_lora_weights.safetensors",
-                 "reports/judges.json", "reports/guidance.json", "reports/cdns.json", "reports/sft/train.csv", "reports/sfo/train.csv",
+                 "reports/judges.json", "reports/guidance.json", "reports/index.html", "data/eval/sft/shard-00000.parquet", "reports/cdns.json", "reports/sft/train.csv", "reports/sfo/train.csv",
                  "dvc.lock"):
         assert (smoke_repo / path).exists(), path
     for model in ("sft", "sfo"):
@@ -75,6 +75,6 @@ def test_two_clean_runs_give_identical_outputs(smoke_repo, tmp_path):
 
 def test_changing_beta_reruns_only_sfo_and_what_depends_on_it(smoke_repo):
     p = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "loss.beta=500"], smoke_repo)
-    assert ran_stages(p.stdout + p.stderr) == {"sfo", "evaluate@sfo", "metrics"}
+    assert ran_stages(p.stdout + p.stderr) == {"sfo", "evaluate@sfo", "metrics", "report"}
     diff = run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], smoke_repo)
     assert "reports/metrics.json" in json.loads(diff.stdout)

@@ -4,7 +4,8 @@ Reads params `sampler`, `bench.seeds` and `evaluate`, `data/bench`, `models/judg
 `models/sfo` for `--model sfo`), and the guidance scale in `reports/guidance.json`. Every bench row is generated
 with `bench.seeds` seeds: the same seeds, sampler settings and guidance for both models. Writes
 `reports/eval/<model>/metrics.json` (the six measures, per-attribute accuracies and the protocol),
-`scores.csv` (one row per image) and `grid.png` (reference | ground truth | samples, one row per subject).
+`scores.csv` (one row per image) and `grid.png` (reference | ground truth | samples, one row per subject), and
+the samples themselves to `data/eval/<model>/` (manifest.SAMPLE_SCHEMA, read by the `report` stage).
 """
 from __future__ import annotations
 
@@ -17,20 +18,15 @@ from PIL import Image
 
 from .. import checkpoint, config, evaluation, manifest, stage
 from ..judges import PROTOCOL, Judges
-from ..model import SubjectFlux, load_lora
+from ..model import SubjectFlux, load_trained
 
 BENCH, JUDGES, BASE = "data/bench", "models/judges", "models/sft"
-MODELS = {"sft": None, "sfo": "models/sfo"}   # model name -> its LoRA adapter on top of the base
+MODELS = {"sft": None, "sfo": "models/sfo"}   # model name -> its directory beside the base
 
 
 def load_model(name: str) -> SubjectFlux:
-    """The SFT base, plus the SFO adapter for `sfo`; a whole model directory (`sfo.direct`) is loaded as is."""
-    if MODELS[name] and (Path(MODELS[name]) / "subject_flux.json").exists():
-        return SubjectFlux.from_pretrained(MODELS[name]).eval()
-    model = SubjectFlux.from_pretrained(BASE)
-    if MODELS[name]:
-        load_lora(model, MODELS[name], name)
-    return model.eval()
+    """The SFT base; for `sfo`, its adapter on top (or the whole model `sfo.direct` wrote)."""
+    return load_trained(MODELS[name] or BASE, BASE)
 
 
 def save_grid(path: Path, refs, truth, samples, rows: list[int], seeds: int, scale: int = 3):
@@ -70,12 +66,15 @@ def main():
         w.writerow(["id", "seed", *evaluation.MEASURES])
         for i, r in enumerate(rows):
             w.writerow([ids[r], scores["seed"][i], *(f"{scores[m][i]:.6g}" for m in evaluation.MEASURES)])
+    manifest.write_shards([{"id": f"{ids[r]}/{j % k}", "row_id": ids[r], "k": j % k, "seed": int(scores["seed"][j]),
+                            "png": manifest.encode_png(samples[j])} for j, r in enumerate(rows)],
+                          Path("data/eval") / name, manifest.SAMPLE_SCHEMA, shard_rows=len(rows))
     first_row_of_subject = sorted({s: i for i, s in reversed(list(enumerate(subject_ids)))}.values())
     save_grid(out / "grid.png", b["refs"], b["truth"], samples, first_row_of_subject[:cfg.grid_subjects], k)
     work.finish({"stage": f"evaluate {name}", "images": len(samples)})
     stage.log.info("evaluate %s (guidance %g): %s", name, guidance,
                    {m: round(metrics[m], 4) for m in evaluation.MEASURES})
-    return [out]
+    return [out, Path("data/eval") / name]
 
 
 if __name__ == "__main__":

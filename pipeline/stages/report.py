@@ -1,0 +1,176 @@
+"""Stage `report`: `reports/index.html`, one self-contained page (no server, no network: every image is an
+inline PNG, every curve an inline SVG) with the metrics table and the evaluation protocol, the training curves,
+a row per bench subject (reference | SFT samples | SFO samples, same seeds) and a few CDNS quadruplets
+(reference | degraded condition | positive | negative).
+
+Reads `reports/metrics.json`, `reports/eval/{sft,sfo}/metrics.json`, `reports/{sft,sfo}/train.csv`,
+`reports/cdns.json`, `data/eval/{sft,sfo}`, `data/bench`, `data/train`, `data/negatives`.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import evaluation, manifest, stage
+
+OUT = "reports/index.html"
+QUADRUPLETS = 8
+CURVES = [  # (title, csv, columns)
+    ("SFT training loss", "reports/sft/train.csv", ["loss"]),
+    ("SFO loss", "reports/sfo/train.csv", ["loss"]),
+    ("SFO loss per timestep quartile", "reports/sfo/train.csv", ["loss_t0", "loss_t1", "loss_t2", "loss_t3"]),
+    ("SFO implicit accuracy", "reports/sfo/train.csv", ["implicit_acc"]),
+    ("SFO reward margin", "reports/sfo/train.csv", ["reward_margin"]),
+    ("Errors on positives and negatives: policy and reference", "reports/sfo/train.csv",
+     ["err_pos", "err_neg", "ref_err_pos", "ref_err_neg"]),
+]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}img.px{image-rendering:pixelated;width:96px;height:96px;margin:1px}
+.row{display:flex;align-items:center;gap:12px;margin:4px 0}.cap{font-size:13px;color:#555;width:260px}
+div.group{display:flex;gap:2px;padding:2px;border-radius:4px}.sft{background:#e8eef8}.sfo{background:#f8e8e8}
+.curves{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-size:13px;text-align:center}
+code{background:#f4f4f4;padding:1px 3px}"""
+
+
+def png_uri(img: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(manifest.encode_png(img)).decode()
+
+
+def img_tag(img: np.ndarray, title: str) -> str:
+    return f'<img class="px" src="{png_uri(img)}" title="{html.escape(title)}" alt="{html.escape(title)}">'
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def svg_curve(title: str, rows: list[dict], columns: list[str], w: int = 340, h: int = 200) -> str:
+    """A line chart as inline SVG: x = step, one polyline per column, min/max labels on the y axis."""
+    x = [float(r["step"]) for r in rows]
+    ys = {c: [float(r[c]) for r in rows] for c in columns}
+    finite = [v for c in columns for v in ys[c] if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    x0, x1 = min(x), max(x) if max(x) > min(x) else min(x) + 1
+    pad = 36
+
+    def pt(xv, yv):
+        return f"{pad + (xv - x0) / (x1 - x0) * (w - pad - 8):.1f},{h - 20 - (yv - lo) / (hi - lo) * (h - 40):.1f}"
+    lines = []
+    for c, colour in zip(columns, COLOURS):
+        pts = " ".join(pt(a, b) for a, b in zip(x, ys[c]) if math.isfinite(b))
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
+    legend = "".join(f'<text x="{pad + 4 + 80 * i}" y="12" font-size="10" fill="{col}">{html.escape(c)}</text>'
+                     for i, (c, col) in enumerate(zip(columns, COLOURS)))
+    axes = (f'<line x1="{pad}" y1="{h - 20}" x2="{w - 8}" y2="{h - 20}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="20" x2="{pad}" y2="{h - 20}" stroke="#999"/>'
+            f'<text x="2" y="24" font-size="9">{hi:.3g}</text><text x="2" y="{h - 20}" font-size="9">{lo:.3g}</text>'
+            f'<text x="{pad}" y="{h - 6}" font-size="9">step {x0:g}</text>'
+            f'<text x="{w - 60}" y="{h - 6}" font-size="9">step {x1:g}</text>')
+    return (f'<figure><svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">{axes}{"".join(lines)}'
+            f'{legend}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+def metrics_table(m: dict) -> str:
+    head = "".join(f"<th>{k}</th>" for k in evaluation.MEASURES)
+    rows = []
+    for name in ("sft", "sfo", "oracle"):
+        rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{m[name][k]:.4f}</td>" for k in evaluation.MEASURES)
+                    + "</tr>")
+    d, sem = m["sfo_minus_sft"], m.get("sfo_minus_sft_sem", {})
+    rows.append("<tr><td>sfo − sft (± paired SEM)</td>" + "".join(
+        f"<td>{d[k]:+.4f} ± {sem.get(k, float('nan')):.4f}</td>" for k in evaluation.MEASURES) + "</tr>")
+    return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def samples_by_key(path: str) -> dict[tuple[str, int], np.ndarray]:
+    """(bench row id, seed index k) -> the generated image."""
+    t = manifest.read(path, manifest.SAMPLE_SCHEMA)
+    imgs = manifest.decode_column(t, "png", path)
+    return {(i, int(k)): img for i, k, img in zip(t.column("row_id").to_pylist(), t.column("k").to_pylist(), imgs)}
+
+
+def subject_rows(bench, sft: dict, sfo: dict) -> str:
+    """One line per bench subject (its first prompt): reference | SFT samples | SFO samples, same seeds."""
+    refs = manifest.decode_column(bench, "ref_png", "data/bench")
+    ids, prompts = bench.column("id").to_pylist(), bench.column("prompt").to_pylist()
+    seen, lines = set(), []
+    for r, subject in enumerate(bench.column("subject_id").to_pylist()):
+        if subject in seen:
+            continue
+        seen.add(subject)
+        seeds = sorted(s for (i, s) in sft if i == ids[r])
+        groups = [f'<div class="group {m}">' + "".join(img_tag(d[(ids[r], s)], f"{m} seed #{s}") for s in seeds)
+                  + "</div>" for m, d in (("sft", sft), ("sfo", sfo))]
+        lines.append(f'<div class="row"><div class="cap">{html.escape(ids[r])}<br>{html.escape(prompts[r])}</div>'
+                     f'{img_tag(refs[r], "reference")}{"".join(groups)}</div>')
+    return "\n".join(lines)
+
+
+def quadruplets(train, negatives) -> str:
+    neg = negatives.slice(0, QUADRUPLETS)
+    ids = neg.column("id").to_pylist()
+    pos_col = neg.column("pos_png").to_pylist()
+    train_ids = train.column("id").to_pylist()
+    rows = [train_ids.index(i) for i in ids]
+    sub = train.take(rows)
+    refs, targets = (manifest.decode_column(sub, c, "data/train") for c in ("ref_png", "target_png"))
+    conds, negs = (manifest.decode_column(neg, c, "data/negatives") for c in ("cond_png", "neg_png"))
+    lines = []
+    for k, i in enumerate(ids):
+        pos = manifest.decode_png(pos_col[k], i) if pos_col[k] is not None else targets[k]
+        lines.append(f'<div class="row"><div class="cap">{html.escape(i)}<br>x−: '
+                     f'{html.escape(neg.column("neg_prompt")[k].as_py())}</div>'
+                     + "".join(img_tag(im, t) for im, t in ((refs[k], "reference"), (conds[k], "degraded condition"),
+                                                            (pos, "positive x+"), (negs[k], "negative x−")))
+                     + "</div>")
+    return "\n".join(lines)
+
+
+def main():
+    m = json.loads(Path("reports/metrics.json").read_text())
+    ev = json.loads(Path("reports/eval/sft/metrics.json").read_text())
+    cdns = json.loads(Path("reports/cdns.json").read_text())
+    bench, train = manifest.read("data/bench"), manifest.read("data/train")
+    negatives = manifest.read("data/negatives/manifest.parquet", manifest.NEGATIVE_SCHEMA)
+    sft, sfo = samples_by_key("data/eval/sft"), samples_by_key("data/eval/sfo")
+    protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in ev["protocol"].items())
+    curves = "".join(svg_curve(t, read_csv(p), cols) for t, p, cols in CURVES)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SFO Pipeline report</title>
+<style>{STYLE}</style></head><body>
+<h1>SFO Pipeline report</h1>
+<p>SFT base vs SFO on the embedded bench: {ev['n_subjects']} held-out subjects, {ev['n_images']} images per model,
+{ev['seeds_per_prompt']} seeds per prompt, the same seeds for both models, {ev['sampler']['steps']} Euler steps,
+guidance {m['guidance']:g} (chosen for the SFT base's dino on a validation split of other subjects).
+<code>oracle</code> scores the ground-truth renders.</p>
+<h2>Metrics</h2>{metrics_table(m)}
+<h3>Evaluation protocol</h3><ul>{protocol}</ul>
+<h2>Training curves</h2><div class="curves">{curves}</div>
+<h2>Samples: one row per bench subject</h2>
+<p>reference | <span class="sft">SFT samples</span> | <span class="sfo">SFO samples</span>
+(same seeds, first prompt of each subject; hover for labels).</p>
+{subject_rows(bench, sft, sfo)}
+<h2>CDNS quadruplets</h2>
+<p>reference | degraded condition (<code>cdns.image</code> = {html.escape(cdns['image'])}, text
+<code>{html.escape(cdns['text'])}</code>, pairs <code>{html.escape(cdns.get('pairs', 'cdns'))}</code>) | positive x+ | negative x−,
+the SFT base's sample from the degraded conditions.</p>
+{quadruplets(train, negatives)}
+</body></html>
+"""
+    Path(OUT).write_text(page)
+    stage.log.info("report: %s (%.0f kB, %d subjects, %d quadruplets)", OUT, len(page) / 1024, len(set(
+        bench.column("subject_id").to_pylist())), min(QUADRUPLETS, negatives.num_rows))
+    return [OUT]
+
+
+if __name__ == "__main__":
+    stage.run("report", main)
