@@ -12,7 +12,8 @@ Measured for P samples / P pairs (median of `--repeats` after `--warmup`), each 
   samples), `sft_step_s` (flow-matching loss on P samples, forward + backward + AdamW step), `sfo_step_s`
   (P pairs: policy on [x+; x-] as one batch, reference = SFT LoRA alone, one no-grad batch) and their peak
   memory; `sfo_step_over_floor = sfo_step_s / (2 sft_step_s + 2 fwd_s)`, `sfo_over_sft_mem` (SFO peak over
-  the SFT-stage peak at the same P).
+  the SFT-stage peak at the same P); for P > `--micro`, the same SFO update in micro-batches of `--micro`
+  pairs (`sfo.micro_batch`, gradient accumulation: `sfo_micro_*`).
 
     python bench/gpu_flux.py --out reports/bench_gpu.json          # on a CUDA machine
     python bench/gpu_flux.py --tiny --device cpu --out /tmp/b.json  # a seconds-long check that it still runs
@@ -32,7 +33,7 @@ from diffusers import FluxTransformer2DModel
 from pipeline import flow
 from pipeline.config import Loss, Model
 from pipeline.model import Conditioning, SubjectFlux, adapters_active, add_lora
-from pipeline.stages.sfo import sfo_step
+from pipeline.stages.sfo import sfo_backward
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json): 11.9 B parameters.
 FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -84,6 +85,7 @@ def main():
     ap.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4], help="P: samples per SFT step, pairs per SFO step")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro", type=int, default=2, help="also time SFO at P > MICRO in micro-batches of MICRO pairs")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep every activation (more memory)")
     ap.add_argument("--out", default="reports/bench_gpu.json")
     args = ap.parse_args()
@@ -153,19 +155,26 @@ def main():
             with torch.no_grad():
                 model(x_t, t, c)
 
-        def sfo_loss():
-            return sfo_step(model, c, x, x_neg, t, eps, loss_cfg, reference=lambda m: adapters_active(m, ["sft"]))[0]
+        def sfo_train(micro):
+            opt_sfo.zero_grad(set_to_none=True)
+            sfo_backward(model, c, x, x_neg, t, eps, loss_cfg, micro, reference=lambda m: adapters_active(m, ["sft"]))
+            opt_sfo.step()
 
         use(["sft"], "sft")                                     # the sft stage: LoRA r4 alone, trainable
         sft_r4 = timed(lambda: train_step(opt_sft, sft_loss))
         use(["sft", "sfo"], "sfo")                              # SFO: SFT LoRA frozen, SFO LoRA trainable
         fwd_s = timed(fwd)
         sft_same = timed(lambda: train_step(opt_sfo, sft_loss))
-        sfo = timed(lambda: train_step(opt_sfo, sfo_loss))
+        sfo = timed(lambda: sfo_train(0))
+        micro = timed(lambda: sfo_train(args.micro)) if P > args.micro else None
         row = {"P": P, "fwd_s": fwd_s[0], "sft_r4_step_s": sft_r4[0], "sft_r4_peak_mb": sft_r4[1],
                "sft_step_s": sft_same[0], "sft_peak_mb": sft_same[1], "sfo_step_s": sfo[0], "sfo_peak_mb": sfo[1],
                "sfo_step_over_floor": sfo[0] / (2 * sft_same[0] + 2 * fwd_s[0]),
                "sfo_over_sft_mem": sfo[1] / sft_r4[1] if cuda else float("nan")}
+        if micro:       # the same P pairs per update, `--micro` pairs per forward/backward (sfo.micro_batch)
+            row.update({"micro_batch": args.micro, "sfo_micro_step_s": micro[0], "sfo_micro_peak_mb": micro[1],
+                        "sfo_micro_step_over_floor": micro[0] / (2 * sft_same[0] + 2 * fwd_s[0]),
+                        "sfo_micro_over_sft_mem": micro[1] / sft_r4[1] if cuda else float("nan")})
         rows.append(row)
         print(json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
         out = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

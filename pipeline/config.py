@@ -217,6 +217,7 @@ class Sfo:
     timestep_sigma: float = 1.0
     grad_clip: float = 1.0
     log_every: int = 1
+    micro_batch: int = 0          # pairs per forward/backward (gradient accumulation); 0 = pairs_per_step at once
     pairs: str = "cdns"           # how (x+, x-) pairs are made: see PAIRS_CHOICES and docs/architecture.md
     direct: bool = False          # train the SFT weights themselves (reference: a frozen copy) instead of a LoRA
 
@@ -232,6 +233,7 @@ class Sfo:
         for k in ("steps", "pairs_per_step", "log_every"):
             _require(getattr(self, k) >= 1, f"sfo.{k}", "must be >= 1")
         _require(self.lora_rank >= 1, "sfo.lora_rank", f"must be >= 1, got {self.lora_rank}")
+        _require(self.micro_batch >= 0, "sfo.micro_batch", "must be >= 0 (0: all pairs of a step at once)")
         _positive(self, "sfo", "lr", "lora_alpha", "timestep_sigma", "grad_clip")
         _finite(self, "sfo", "timestep_mu")
 

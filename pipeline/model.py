@@ -93,6 +93,9 @@ class Conditioning:
     txt: torch.Tensor       # (B, L, text_dim) T5-stand-in sequence
     pooled: torch.Tensor    # (B, pooled_dim) CLIP-stand-in pooled vector
 
+    def select(self, rows) -> "Conditioning":
+        return Conditioning(None if self.cond is None else self.cond[rows], self.txt[rows], self.pooled[rows])
+
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
         cond = None if items[0].cond is None else torch.cat([c.cond for c in items])

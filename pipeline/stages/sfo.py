@@ -83,6 +83,28 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
     return loss, stats
 
 
+def sfo_backward(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
+                 micro_batch: int = 0, **kw) -> dict[str, torch.Tensor]:
+    """Forward and backward of `sfo_step` over P pairs, `micro_batch` pairs at a time (0: all at once). The loss
+    is a mean of per-pair terms, so the chunks' gradients, each scaled by its share of the pairs, add up to the
+    full batch's (up to float summation order): memory of `micro_batch` pairs, the update of P. Returns the
+    diagnostics of all P pairs."""
+    n = x_pos.shape[0]
+    size = micro_batch or n
+    parts = []
+    for start in range(0, n, size):
+        rows = slice(start, start + size)
+        loss, stats = sfo_step(model, c.select(rows), x_pos[rows], x_neg[rows], t[rows], eps[rows], loss_cfg, **kw)
+        share = x_pos[rows].shape[0] / n
+        (loss * share if share != 1 else loss).backward()
+        parts.append((share, stats))
+    if len(parts) == 1:
+        return parts[0][1]
+    out = {k: sum(w * st[k] for w, st in parts) for k in parts[0][1] if k != "pair_loss"}
+    out["pair_loss"] = torch.cat([st["pair_loss"] for _, st in parts])
+    return out
+
+
 def policy_and_reference(cfg: config.Sfo) -> tuple[SubjectFlux, SubjectFlux | None, list]:
     """The policy, a separate reference (only for `sfo.direct`) and the trainable parameters. By default the
     policy is the SFT base plus a new LoRA and the reference is the same weights with it switched off."""
@@ -121,10 +143,9 @@ def main():
         x_pos, x_neg = model.tokens(pos[idx]), model.tokens(neg[idx])
         eps = torch.randn(x_pos.shape, generator=g)
         t = sample_t(cfg, cfg.pairs_per_step, g)
-        loss, stats = sfo_step(model, c, x_pos, x_neg, t, eps, loss_cfg, reference_model=reference,
-                               objective=objective)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        stats = sfo_backward(model, c, x_pos, x_neg, t, eps, loss_cfg, cfg.micro_batch, reference_model=reference,
+                             objective=objective)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         checkpoint.fault_point("sfo:step")
         opt.step()
