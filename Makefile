@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench exps clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 # Timings and memory of the hot paths on this machine -> reports/bench.json (docs/performance.md); ~10 min.
 bench: setup
 	$(BIN)/python bench/cpu.py --out reports/bench.json
+
+# Experiments side by side, only the headline metrics and the params the ablations sweep.
+exps: setup
+	dvc exp show --drop '.*' --keep 'Experiment|Created|sfo\.pairs$$|sfo\.direct|loss\.beta|sfo\.timesteps|cdns\.image|cdns\.text|cdns\.blur_radius|sfo\.lora_rank|sfo\.seed|sfo\.(dino|clip_i|clip_t|id_acc)$$|sfo_minus_sft\.(dino|clip_i|clip_t|id_acc)$$'
 
 clean-venv:
 	rm -rf $(VENV)

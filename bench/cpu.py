@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import config, evaluation, flow, manifest, stage, world  # noqa: E402
 from pipeline.judges import AttributeReader, Judges, build_clip, build_dino, caption_tokenizer  # noqa: E402
-from pipeline.model import SubjectFlux, add_lora  # noqa: E402
+from pipeline.model import SubjectFlux, adapters_disabled, add_lora  # noqa: E402
 from pipeline.stages import cdns, prepare  # noqa: E402
 from pipeline.stages.sfo import sfo_step  # noqa: E402
 
@@ -63,8 +63,7 @@ def inputs(model: SubjectFlux, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     side = model.image_size
     imgs = torch.rand(3, n, 3, side, side, generator=g) * 2 - 1
-    rng = np.random.default_rng(seed)
-    prompts = [world.prompt(s, world.sample_context(rng)) for s in world.sample_subjects(rng, n)]
+    prompts = bench_prompts(model, n, seed)
     model.text.encode(sorted(set(prompts)))                        # the stages fill this cache once
     c = model.condition(imgs[0], prompts)
     x, x_neg = model.tokens(imgs[1]), model.tokens(imgs[2])
@@ -107,12 +106,35 @@ def step_times(P: int, image_size: int | None, warmup: int, repeats: int, autoca
         with torch.no_grad(), amp:
             model(x_t, t, c)
 
+    def sfo_unbatched():       # before pair batching: x+ and x- in separate calls, for policy and reference
+        pairs = [(x, flow.interpolate(x, eps, t)), (x_neg, flow.interpolate(x_neg, eps, t))]
+        with torch.no_grad(), adapters_disabled(model):
+            ref = [flow.per_sample_error(model(xt, t, c), x0, eps) for x0, xt in pairs]
+        pol = [flow.per_sample_error(model(xt, t, c), x0, eps) for x0, xt in pairs]
+        return flow.sfo_loss(pol[0], pol[1], ref[0], ref[1], load("loss").beta)[0]
+
     out = {"fwd_s": median_time(fwd, warmup, repeats),
            "sft_step_s": median_time(lambda: train(lambda: flow.flow_loss(model(x_t, t, c), x, eps)), warmup, repeats),
            "sfo_step_s": median_time(lambda: train(lambda: sfo_step(model, c, x, x_neg, t, eps, loss_cfg)[0]),
                                      warmup, repeats)}
     out["sfo_step_over_floor"] = out["sfo_step_s"] / (2 * out["sft_step_s"] + 2 * out["fwd_s"])
+    if not (autocast or compile):
+        out["sfo_unbatched_step_s"] = median_time(lambda: train(sfo_unbatched), warmup, repeats)
+        prompts = bench_prompts(model, P)
+
+        def encode_uncached():
+            model.text._cache.clear()
+            model.condition(torch.zeros(P, 3, model.image_size, model.image_size), prompts)
+        out["condition_uncached_s"] = median_time(encode_uncached, warmup, repeats)
+        model.text.encode(prompts)
+        out["condition_cached_s"] = median_time(
+            lambda: model.condition(torch.zeros(P, 3, model.image_size, model.image_size), prompts), warmup, repeats)
     return {**out, **first}
+
+
+def bench_prompts(model, n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [world.prompt(s, world.sample_context(rng)) for s in world.sample_subjects(rng, n)]
 
 
 def memory_process(kind: str, steps: int = 10):

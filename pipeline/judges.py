@@ -116,6 +116,13 @@ def caption_tokenizer():
     return build_tokenizer(world.vocabulary(), CAPTION_LEN)
 
 
+@torch.no_grad()
+def read_attributes(reader: AttributeReader, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The reader's label index per attribute for uint8 images (N, H, W, 3)."""
+    outs = [reader(to_pixels(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    return {k: torch.cat([o[k] for o in outs]).argmax(1).numpy() for k in world.ATTRS}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------------------
@@ -142,10 +149,8 @@ class Judges:
         self.tokenizer.save_pretrained(directory / "clip")
         self.reader.save_pretrained(directory / "reader")
 
-    @torch.no_grad()
     def read_attributes(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        outs = [self.reader(to_pixels(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-        return {k: torch.cat([o[k] for o in outs]).argmax(1).numpy() for k in world.ATTRS}
+        return read_attributes(self.reader, images, batch_size)
 
     @torch.no_grad()
     def score(self, generated: np.ndarray, references: np.ndarray, prompts: list[str],

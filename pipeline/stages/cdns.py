@@ -12,7 +12,8 @@ rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard i
 skips the shards that are complete and valid. An actor whose process dies is restarted by Ray and its shard
 retried (`MAX_RETRIES`); a shard that fails with an error stops the stage with the shard and the error. The
 driver then joins the shards into `data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row
-per input triplet, writes `reports/cdns.json` and empties the work directory.
+per input triplet, writes `reports/cdns.json` and empties the work directory. `reports/cdns/attributes.csv`
+(a DVC plot) says, per attribute, how often the attribute reader reads x- differently from x+.
 
 A negative's noise and degradation randomness come from its own seed (`cdns.seed` and the row's index), so
 the output does not depend on the number of workers or on which worker took which shard.
@@ -23,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
 from transformers import ViTModel
 
 from .. import checkpoint, config, degrade, evaluation, manifest, stage, world
-from ..judges import dino_embed, to_pixels
+from ..judges import AttributeReader, dino_embed, read_attributes, to_pixels
 from ..model import SubjectFlux, seeded_noise
 
 DATA, MODEL, JUDGES = "data/train", "models/sft", "models/judges"
-OUT_DIR, REPORT = "data/negatives", "reports/cdns.json"
+OUT_DIR, REPORT, ATTRIBUTES = "data/negatives", "reports/cdns.json", "reports/cdns/attributes.csv"
 WORK = "checkpoints/cdns"
 MAX_RETRIES = 3   # restarts of a dead actor, and retries of the shard it held
 
@@ -169,6 +171,30 @@ def valid_shard(path: Path, shard: dict) -> bool:
         return False
 
 
+def attribute_report(negatives: pa.Table, train: pa.Table) -> tuple[list[dict], dict]:
+    """How the negatives differ from their positives, attribute by attribute, as the attribute reader sees
+    them: per attribute, how often the reader's label of x- differs from its label of x+, and how often each
+    matches the subject's true label. CDNS should change identity details (pattern, mark) and keep context."""
+    reader = AttributeReader.from_pretrained(Path(JUDGES) / "reader")
+    rows = pa.compute.index_in(negatives.column("id"), value_set=train.column("id"))
+    train = train.take(rows)
+    pos = manifest.decode_column(train, "target_png", DATA)
+    judged = negatives.column("pos_png").is_valid().to_numpy(zero_copy_only=False)
+    if judged.any():
+        pos[judged] = manifest.decode_column(negatives.filter(pa.array(judged)), "pos_png", OUT_DIR)
+    read_pos = read_attributes(reader, pos)
+    read_neg = read_attributes(reader, manifest.decode_column(negatives, "neg_png", OUT_DIR))
+    table = []
+    for k in world.ATTRS:
+        truth = train.column(k).to_numpy()
+        table.append({"attribute": k, "kind": "identity" if k in world.IDENTITY_ATTRS else "context",
+                      "neg_differs_from_pos": float(np.mean(read_neg[k] != read_pos[k])),
+                      "pos_acc": float(np.mean(read_pos[k] == truth)), "neg_acc": float(np.mean(read_neg[k] == truth))})
+    summary = {f"{stat}_{kind}": float(np.mean([r[stat] for r in table if r["kind"] == kind]))
+               for stat in ("neg_differs_from_pos", "pos_acc", "neg_acc") for kind in ("identity", "context")}
+    return table, summary
+
+
 def main():
     cfg, sampler, sfo_cfg = config.load("cdns", "sampler", "sfo")
     pairs = sfo_cfg.pairs
@@ -200,13 +226,15 @@ def main():
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
     checkpoint.fault_point("cdns:manifest")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
+    attributes, summary = attribute_report(negatives, table)
+    stage.write_csv(ATTRIBUTES, attributes)
     report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "pairs": pairs,
               "image": negatives.column("image_degradation")[0].as_py(), "text": negatives.column("text_degradation")[0].as_py(), "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
-              "sampler": sampler.__dict__}
+              "sampler": sampler.__dict__, "attributes": summary}
     stage.write_json(REPORT, report)
     work.finish({"stage": "cdns", "negatives": n})
     stage.log.info("cdns: %d negatives in %d shards by %d Ray workers", n, len(shards), cfg.workers)
-    return [OUT_DIR, REPORT]
+    return [OUT_DIR, REPORT, ATTRIBUTES]
 
 
 if __name__ == "__main__":

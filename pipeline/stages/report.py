@@ -4,7 +4,8 @@ a row per bench subject (reference | SFT samples | SFO samples, same seeds) and 
 (reference | degraded condition | positive | negative).
 
 Reads `reports/metrics.json`, `reports/eval/{sft,sfo}/metrics.json`, `reports/{sft,sfo}/train.csv`,
-`reports/cdns.json`, `data/eval/{sft,sfo}`, `data/bench`, `data/train`, `data/negatives`.
+`reports/cdns.json`, `reports/cdns/attributes.csv`, `data/eval/{sft,sfo}`, `data/bench`, `data/train`,
+`data/negatives`.
 """
 from __future__ import annotations
 
@@ -136,6 +137,14 @@ def quadruplets(train, negatives) -> str:
     return "\n".join(lines)
 
 
+def attribute_table(rows: list[dict]) -> str:
+    head = "<tr><th>attribute</th><th>kind</th><th>x− read differently from x+</th><th>x+ read correctly</th>" \
+           "<th>x− read correctly</th></tr>"
+    body = "".join(f"<tr><td>{r['attribute']}</td><td>{r['kind']}</td><td>{float(r['neg_differs_from_pos']):.3f}</td>"
+                   f"<td>{float(r['pos_acc']):.3f}</td><td>{float(r['neg_acc']):.3f}</td></tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
 def main():
     m = json.loads(Path("reports/metrics.json").read_text())
     ev = json.loads(Path("reports/eval/sft/metrics.json").read_text())
@@ -164,6 +173,8 @@ guidance {m['guidance']:g} (chosen for the SFT base's dino on a validation split
 <code>{html.escape(cdns['text'])}</code>, pairs <code>{html.escape(cdns.get('pairs', 'cdns'))}</code>) | positive x+ | negative x−,
 the SFT base's sample from the degraded conditions.</p>
 {quadruplets(train, negatives)}
+<h3>What the negatives change, as the attribute reader sees it</h3>
+{attribute_table(read_csv("reports/cdns/attributes.csv"))}
 </body></html>
 """
     Path(OUT).write_text(page)
