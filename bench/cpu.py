@@ -206,9 +206,9 @@ def cdns_times(model_dir: str, table: pa.Table, workdir: Path, guidance: float, 
             t0 = time.perf_counter()
             ray = cdns.start_ray(wcfg)
             try:
-                pool = cdns.start_workers(ray, wcfg, model_dir, sampler, guidance)
+                actors = cdns.start_workers(ray, wcfg, model_dir, sampler, guidance)
                 t1 = time.perf_counter()
-                cdns.run_shards(pool, wcfg, shards, paths)
+                cdns.run_shards(ray, actors, wcfg, shards, paths)
                 out[f"ray{k}"] = time.perf_counter() - t1
                 out[f"ray{k}_startup_s"] = t1 - t0
             finally:

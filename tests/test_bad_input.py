@@ -33,6 +33,15 @@ def drop_prompt(repo):
     pq.write_table(t.drop_columns(["prompt"]), path)
 
 
+def corrupt_train_target(repo):
+    path = repo / "data/train/shard-00000.parquet"
+    t = pq.read_table(path)
+    col = t.column("target_png").to_pylist()
+    col[3] = b"not a png"
+    pq.write_table(t.set_column(t.schema.get_field_index("target_png"), "target_png", pa.array(col, pa.binary())),
+                   path)
+
+
 CASES = {
     "negative beta": ("sfo", lambda r: set_param(r, "loss", "beta", -1.0), "loss.beta must be a finite number > 0"),
     "corrupt negative image": ("sfo", corrupt_negative, r"row id='train-\d+-\d+' column 'neg_png'"),
@@ -42,6 +51,9 @@ CASES = {
     "params of a stage that does not exist": ("sft", lambda r: set_param(r, "distill", "steps", 3),
                                               r"unknown section\(s\) \['distill'\]"),
     "manifest without a column": ("sft", drop_prompt, "missing required column 'prompt'"),
+    "corrupt image in a CDNS shard": ("cdns", corrupt_train_target,
+                                      r"cdns: shard \d+ \(rows 'train-.*'\) failed: ConfigError: data/train: "
+                                      r"row id='train-\d+-\d+' column 'target_png': image bytes cannot be decoded"),
     "missing judges": ("evaluate", lambda r: shutil.rmtree(r / "models/judges/reader"), "judge missing"),
 }
 OUTPUTS = {**OUTPUTS, "evaluate": ["reports/eval/sft", "checkpoints/evaluate-sft"]}
@@ -50,9 +62,10 @@ OUTPUTS = {**OUTPUTS, "evaluate": ["reports/eval/sft", "checkpoints/evaluate-sft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_stops_the_stage_before_it_writes(work_repo, case):
     stage, plant, message = CASES[case]
-    before = tree_bytes(work_repo, OUTPUTS[stage])
+    outputs = [o for o in OUTPUTS[stage] if o != "checkpoints/cdns"]    # cdns may keep the valid shards
+    before = tree_bytes(work_repo, outputs)
     plant(work_repo)
     p = run_stage(work_repo, stage, args=["--model", "sft"] if stage == "evaluate" else [])
     assert p.returncode == 2, p.stderr[-3000:]
     assert re.search(message, p.stderr), p.stderr[-2000:]
-    assert tree_bytes(work_repo, OUTPUTS[stage]) == before
+    assert tree_bytes(work_repo, outputs) == before

@@ -10,7 +10,8 @@ constructions are made here too: `sfo.pairs: self_play` samples the negative fro
 rows (one GPU per actor where CUDA exists, one CPU slot each here); each shard is a Parquet file in
 `checkpoints/cdns/` (kept by DVC across runs), written under a temporary name and renamed. A rerun after a kill
 skips the shards that are complete and valid. An actor whose process dies is restarted by Ray and its shard
-retried (`MAX_RETRIES`); a shard that fails with an error stops the stage with the shard and the error. The
+retried (`MAX_RETRIES`); a shard that fails with an error stops the stage with the shard, its rows and the
+error. The
 driver then joins the shards into `data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row
 per input triplet, writes `reports/cdns.json` and empties the work directory. `reports/cdns/attributes.csv`
 (a DVC plot) says, per attribute, how often the attribute reader reads x- differently from x+.
@@ -92,7 +93,7 @@ class NegativeWorker:
         for i, row_id in enumerate(shard["id"]):
             where = f"{DATA}: row id={row_id!r}"
             rng = np.random.default_rng(shard["seed"][i])     # the row's own stream: same result on any worker
-            ref, target = (manifest.decode_png(shard[c][i], where) for c in ("ref_png", "target_png"))
+            ref, target = (manifest.decode_png(shard[c][i], f"{where} column {c!r}") for c in ("ref_png", "target_png"))
             ctx = world.Context(shard["background"][i], shard["position"][i], shard["size"][i])
             refs.append(ref)
             cond.append(degrade.degrade_image(ref, target, image_kind, cfg.blur_radius, cfg.noise_std, rng))
@@ -134,8 +135,9 @@ def make_shards(table, cfg: config.Cdns) -> list[dict]:
 
 
 def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler, guidance: float,
-                  pairs: str = "cdns", judges_dir: str | None = None):
-    """`cdns.workers` actors (one GPU each where CUDA exists), each with the model loaded; returns their pool."""
+                  pairs: str = "cdns", judges_dir: str | None = None) -> list:
+    """`cdns.workers` actors (one GPU each where CUDA exists), each with the model loaded. A worker process that
+    dies is restarted by Ray (`max_restarts`) and the task it held retried (`max_task_retries`)."""
     gpus = 1 if torch.cuda.is_available() else 0
     actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus, max_restarts=MAX_RETRIES,
                            max_task_retries=MAX_RETRIES)(NegativeWorker)
@@ -143,21 +145,36 @@ def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler
     actors = [actor_cls.remote(str(Path(model_dir).resolve()), sampler, guidance, cfg.threads_per_worker, pairs,
                                judges_dir) for _ in range(cfg.workers)]
     ray.get([a.ready.remote() for a in actors])
-    return ray.util.ActorPool(actors)
+    return actors
 
 
-def run_shards(pool, cfg: config.Cdns, shards: list[dict], paths: list[str]):
-    """Each shard to the next free actor; returns when every shard file is written. A shard whose task fails
-    (an error in it, or an actor lost more than MAX_RETRIES times) stops the stage, naming the shard."""
-    jobs = list(zip(shards, paths))
-    results = pool.map_unordered(lambda a, job: a.generate.remote(job[0], cfg, job[1]), jobs)
-    for done in stage.progress(range(len(jobs)), desc="cdns: shards"):
+def run_shards(ray, actors: list, cfg: config.Cdns, shards: list[dict], paths: list[str]):
+    """Each shard to the next free actor; returns when every shard file is written. A shard that raises (a bad
+    row), or whose worker died more than MAX_RETRIES times, stops the stage with the shard, its rows and the
+    error."""
+    todo, running = list(range(len(shards)))[::-1], {}
+
+    def submit(actor):
+        k = todo.pop()
+        running[actor.generate.remote(shards[k], cfg, paths[k])] = (k, actor)
+    for actor in actors[:len(todo)]:
+        submit(actor)
+    bar = stage.progress(total=len(shards), desc="cdns: shards")
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        k, actor = running.pop(ref)
         try:
-            next(results)
-        except Exception as e:        # RayTaskError / RayActorError, carrying the worker's message
-            raise RuntimeError(f"cdns: a shard failed after {MAX_RETRIES} retries ({type(e).__name__}): "
-                               f"{str(e)[-1500:]}") from None
+            ray.get(ref)
+        except Exception as e:        # RayTaskError (its .cause is the worker's exception) or RayActorError
+            cause = getattr(e, "cause", None) or e
+            ids = shards[k]["id"]
+            raise config.ConfigError(f"cdns: shard {k} (rows {ids[0]!r}..{ids[-1]!r}) failed: "
+                                     f"{type(cause).__name__}: {str(cause)[-800:]}") from None
+        bar.update(1)
         checkpoint.fault_point("cdns:shard-done")
+        if todo:
+            submit(actor)
+    bar.close()
 
 
 def valid_shard(path: Path, shard: dict) -> bool:
@@ -216,8 +233,8 @@ def main():
     if todo:
         ray = start_ray(cfg)
         try:
-            pool = start_workers(ray, cfg, MODEL, sampler, guidance, pairs, JUDGES)
-            run_shards(pool, cfg, [shards[k] for k in todo], [str(paths[k]) for k in todo])
+            actors = start_workers(ray, cfg, MODEL, sampler, guidance, pairs, JUDGES)
+            run_shards(ray, actors, cfg, [shards[k] for k in todo], [str(paths[k]) for k in todo])
         finally:
             ray.shutdown()
 
