@@ -96,6 +96,8 @@ def generate(args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .stage import quiet_libraries
+    quiet_libraries()                       # no loading bars from transformers/diffusers
     try:
         generate(args)
     except ConfigError as e:
