@@ -143,11 +143,21 @@ class Sft:
 
 @dataclass(frozen=True)
 class Train:
-    """Resumable training, shared by `sft` and `sfo` (pipeline/checkpoint.py)."""
+    """Shared by `sft` and `sfo`: resumable training (pipeline/checkpoint.py) and the forward's speed options."""
     checkpoint_every: int = 100   # steps between checkpoints in checkpoints/<stage>/ (the last step needs none)
+    compile: str = "auto"         # torch.compile the forward: on, off, or auto (on with CUDA, off on CPU)
+    bf16: str = "auto"            # bf16 autocast of the forward: on, off, or auto (on with CUDA, off on CPU)
+
+    SWITCH = ("auto", "on", "off")
 
     def check(self):
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _choice(self.compile, self.SWITCH, "train.compile")
+        _choice(self.bf16, self.SWITCH, "train.bf16")
+
+    def enabled(self, key: str, cuda: bool) -> bool:
+        """`on`, or `auto` where CUDA is in use (docs/performance.md: on CPU they gain < 20 % per step)."""
+        return getattr(self, key) == "on" or (getattr(self, key) == "auto" and cuda)
 
 
 @dataclass(frozen=True)

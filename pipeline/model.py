@@ -210,6 +210,18 @@ class SubjectFlux(torch.nn.Module):
         return self.images(flow.euler_sample(velocity, self.tokens(noise), steps, shift)).clamp(-1, 1)
 
 
+def speed_options(model: SubjectFlux, compile: bool, bf16: bool) -> SubjectFlux:
+    """Wrap the model's forward in bf16 autocast and/or torch.compile (`train.bf16`, `train.compile`). The
+    backward stays outside autocast; the errors are computed in float32 (`flow.per_sample_error`)."""
+    forward = model.forward
+    if bf16:
+        forward = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)(forward)
+    if compile:
+        forward = torch.compile(forward)
+    model.forward = forward
+    return model
+
+
 @contextlib.contextmanager
 def adapters_active(model: SubjectFlux, names: list[str]):
     """Run with only the LoRA adapters `names` switched on, all frozen (the reference of a two-LoRA model is its

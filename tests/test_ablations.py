@@ -105,3 +105,16 @@ def test_unknown_ablation_choices_stop_the_stage(work_repo, key, value, message)
     set_params(work_repo, **{key: value})
     p = run_stage(work_repo, "sfo" if key.startswith("sfo") else "sft")
     assert p.returncode == 2 and message in p.stderr
+
+
+@pytest.mark.parametrize("option", ["bf16", "compile"])
+def test_speed_options_run_the_training_stages(work_repo, option):
+    """train.bf16 / train.compile: on CPU off by default (auto), switched on here; sfo trains and logs it."""
+    import shutil as sh
+    if option == "compile" and not (sh.which("cc") or sh.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler (cc/gcc), none on PATH")
+    set_params(work_repo, **{f"train__{option}": "on"})
+    p = run_ok(work_repo, "sfo")
+    assert f"{option} True" in p.stderr
+    rows = curve(work_repo)
+    assert len(rows) == 3 and all(float(r["loss"]) == float(r["loss"]) for r in rows)     # finite, not NaN

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import torch
 
 from .. import checkpoint, config, flow, manifest, stage
-from ..model import Conditioning, SubjectFlux, adapters_disabled, add_lora, save_lora
+from ..model import Conditioning, SubjectFlux, adapters_disabled, add_lora, save_lora, speed_options
 
 DATA, NEGATIVES, BASE = "data/train", "data/negatives/manifest.parquet", "models/sft"
 OUT_DIR, CURVE, WORK = "models/sfo", "reports/sfo/train.csv", "checkpoints/sfo"
@@ -123,7 +123,10 @@ def main():
     stage.set_threads()
     pos, neg, refs, prompts = load_pairs()
     model, reference, params = policy_and_reference(cfg)
-    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"sfo": cfg, "loss": loss_cfg}, [DATA, NEGATIVES, BASE]))
+    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"sfo": cfg, "loss": loss_cfg, "train": tcfg},
+                                                           [DATA, NEGATIVES, BASE], ignore=("train.checkpoint_every",)))
+    cuda = torch.cuda.is_available()
+    speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
     objective = "sft" if cfg.pairs == "sft_additional" else "sfo"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.text.encode(sorted(set(prompts)))
@@ -134,6 +137,7 @@ def main():
                    "all SFT weights" if cfg.direct else f"LoRA rank {cfg.lora_rank}", sum(p.numel() for p in params),
                    "SFT loss on the positives" if objective == "sft" else f"beta {loss_cfg.beta:g}", cfg.steps,
                    cfg.pairs_per_step, f", resumed from step {start}" if start else "")
+    stage.log.info("sfo: compile %s, bf16 %s", tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
     bar = stage.progress(range(start, cfg.steps), desc="sfo", initial=start, total=cfg.steps)

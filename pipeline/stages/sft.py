@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint, config, degrade, flow, manifest, stage, world
-from ..model import SubjectFlux
+from ..model import SubjectFlux, speed_options
 
 DATA, OUT_DIR, CURVE, WORK = "data/train", "models/sft", "reports/sft/train.csv", "checkpoints/sft"
 T_BINS = 4   # loss per timestep bin, logged beside the loss (minRF-style)
@@ -69,15 +69,19 @@ def main():
     prompts, generic = table.column("prompt").to_pylist(), table.column("generic_prompt").to_pylist()
     blurred = blurred_copies(table, cfg.ref_blur_radii, DATA) if cfg.ref_blur_prob > 0 else []
     model = SubjectFlux.build(mcfg, targets.shape[-1], world.vocabulary(), cfg.seed)   # validates the model config
-    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"model": mcfg, "sft": cfg}, [DATA]))
+    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA],
+                                                           ignore=("train.checkpoint_every",)))
+    cuda = torch.cuda.is_available()
+    speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
     model.text.encode(sorted(set(prompts) | set(generic) | {""}))   # fill the prompt cache once
     stage.seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sft: %d triplets, %.2fM parameters, %d steps of %d%s", n,
+    stage.log.info("sft: %d triplets, %.2fM parameters, %d steps of %d, compile %s, bf16 %s%s", n,
                    sum(p.numel() for p in model.transformer.parameters()) / 1e6, cfg.steps, cfg.batch_size,
+                   tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda),
                    f", resumed from step {start}" if start else "")
 
     rows, window = state.get("rows", []), state.get("window", [])
