@@ -9,7 +9,6 @@ top of its base, `--base`, by default the `sft` directory beside it; a whole mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -52,10 +51,11 @@ def load_reference(path: str, size: int) -> np.ndarray:
 
 
 def default_guidance() -> tuple[float, str]:
-    path = Path("reports/guidance.json")
-    if path.exists():
-        return float(json.loads(path.read_text())["chosen"]), f"chosen on the validation split ({path})"
-    return 1.0, "off (no reports/guidance.json here)"
+    from .evaluation import GUIDANCE_FILE, chosen_guidance
+    try:
+        return chosen_guidance(), f"chosen on the validation split ({GUIDANCE_FILE})"
+    except ConfigError:
+        return 1.0, f"off (no {GUIDANCE_FILE} here)"
 
 
 def generate(args) -> list[Path]:
