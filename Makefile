@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench exps clean-venv
+.PHONY: setup repro test bench ablations exps clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ test: setup
 # Timings and memory of the hot paths on this machine -> reports/bench.json (docs/performance.md); ~10 min.
 bench: setup
 	$(BIN)/python bench/cpu.py --out reports/bench.json
+
+# The paper's Tables 3, 4, B, C and D as DVC experiments on top of the current commit (the default run first),
+# then reports/ablations.md; reruns only what is missing. About 80 min on 2 cores (README "Ablations").
+ablations: setup
+	dvc repro
+	$(BIN)/python -m pipeline.ablations run
 
 # Experiments side by side, only the headline metrics and the params the ablations sweep.
 exps: setup

@@ -1,5 +1,6 @@
-"""Resumable stages (issue: kills and lost workers cost no data): a work directory per stage, kept by DVC across
-runs (`persist: true` in dvc.yaml), holding training checkpoints or finished shards.
+"""Resumable stages (issue: kills and lost workers cost no data): a work directory per stage, `checkpoints/<stage>/`,
+holding training checkpoints or finished shards. It is gitignored and not a DVC output: DVC never deletes it, and
+the stage's run-cache entry stays usable (DVC does not run-cache a stage with a `persist` output).
 
 - A checkpoint is a directory `step-NNNNNN/` written under a temporary name and renamed, so it exists complete
   or not at all: the trainable weights (safetensors), the optimizer state (`torch.save`, read back with
@@ -8,8 +9,8 @@ runs (`persist: true` in dvc.yaml), holding training checkpoints or finished sha
 - Every work directory records a fingerprint of what produced it: the stage's params sections and the hashes
   of its input files. Work written under another fingerprint is refused with the keys that differ, never
   silently resumed.
-- A finished stage empties its directory down to `finished.json` (deterministic content), so the stage's
-  declared outputs are all that it leaves.
+- A finished stage empties its directory down to `finished.json` (a small summary), so the stage's declared
+  outputs are all that it leaves of substance.
 """
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ class Cdns:
     seed: int = 0
     num_triplets: int = 512       # negatives are made for the first N training triplets (0 = all)
     image: str = "blur"
-    text: str = "generic"
+    text: str = "none"            # the default since the calibration (README): "generic" is the paper's
     blur_radius: float = 2.0      # Gaussian blur radius in pixels at world.image_size
     noise_std: float = 0.3        # `image: noise`: pixel noise std as a fraction of the 0-255 range
     workers: int = 2              # Ray actors (one GPU each where CUDA exists, else one CPU slot each)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -151,6 +152,25 @@ def check_rows(table: pa.Table, source: str):
             if bad.size:
                 raise ConfigError(f"{source}: row id={ids[bad[0]]!r} has {k}={col[bad[0]]}, "
                                   f"outside 0..{len(values) - 1}")
+
+
+def triplets_of(negatives: pa.Table, triplets: pa.Table, negatives_source: str, triplets_source: str) -> pa.Table:
+    """The triplet of each negatives row, row-aligned with `negatives` (joined on `id`)."""
+    idx = pc.index_in(negatives.column("id"), value_set=triplets.column("id"))
+    if idx.null_count:
+        missing = negatives.column("id").filter(pc.is_null(idx))[0].as_py()
+        raise ConfigError(f"{negatives_source}: row id={missing!r} has no triplet in {triplets_source}")
+    return triplets.take(idx)
+
+
+def positives(negatives: pa.Table, triplets: pa.Table, negatives_source: str, triplets_source: str) -> np.ndarray:
+    """x+ of each negatives row, uint8 (N, H, W, 3): the row's `pos_png` where it has one (judge DPO: the judge's
+    preferred sample), else its triplet's target. `triplets` is row-aligned with `negatives` (`triplets_of`)."""
+    pos = decode_column(triplets, "target_png", triplets_source)
+    judged = negatives.column("pos_png").is_valid().to_numpy(zero_copy_only=False)
+    if judged.any():
+        pos[judged] = decode_column(negatives.filter(pa.array(judged)), "pos_png", negatives_source)
+    return pos
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

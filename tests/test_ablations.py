@@ -1,6 +1,7 @@
 """The paper's ablation switches each run their own code path: `sfo.pairs` (self-play, SFT-additional,
 judge DPO) through `cdns` and `sfo`, and `sfo.direct`. Run as DVC would, in a copy of the smoke DAG."""
 import csv
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,6 +84,11 @@ def test_sft_additional_trains_a_lora_on_the_positives_alone(work_repo):
     assert len(rows) == 3 and all(r["loss"] == r["err_pos"] for r in rows)       # the loss is the positives' error
     after = load_file(work_repo / "models/sfo/pytorch_lora_weights.safetensors")
     assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in after)
+    # the `control` stage of every run is this same training: same adapter, bit for bit, and the same curve
+    run_ok(work_repo, "sfo", "--control")
+    assert (work_repo / "models/control/pytorch_lora_weights.safetensors").read_bytes() == \
+        (work_repo / "models/sfo/pytorch_lora_weights.safetensors").read_bytes()
+    assert (work_repo / "reports/control/train.csv").read_text() == (work_repo / "reports/sfo/train.csv").read_text()
 
 
 def test_direct_sfo_trains_the_sft_weights_and_evaluates(work_repo):
@@ -118,3 +124,77 @@ def test_speed_options_run_the_training_stages(work_repo, option):
     assert f"{option} True" in p.stderr
     rows = curve(work_repo)
     assert len(rows) == 3 and all(float(r["loss"]) == float(r["loss"]) for r in rows)     # finite, not NaN
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `make ablations` (pipeline/ablations.py)
+# ---------------------------------------------------------------------------------------------------------
+def test_the_ablation_plan_covers_the_papers_tables_with_their_seeds(monkeypatch):
+    from pipeline import ablations
+    from conftest import REPO
+    monkeypatch.chdir(REPO)
+    plan = ablations.planned()
+    assert {t.key for t in ablations.TABLES} == {"t3", "t4", "tb", "tc", "td"}
+    assert {"default-s0", "default-s1", "default-s2"} <= set(plan) and plan["default-s0"] == {}
+    for name in ("tc-uniform-s1", "t3-selfplay-s2", "t3-dpo-s0"):
+        assert name in plan
+    assert plan["tc-uniform-s2"] == {"sfo.timesteps": "uniform", "sfo.seed": 2, "cdns.seed": 2, "evaluate.seed": 2}
+    # rows equal to the defaults share the default run; every override is a real params key with a new value
+    assert len(set(map(str, plan.values()))) == len(plan)
+    defaults = ablations.defaults()
+    assert all(k in defaults and defaults[k] != v for ov in plan.values() for k, v in ov.items())
+    radii = sorted(plan[n]["cdns.blur_radius"] for n in plan if n.startswith("tb-"))
+    assert radii == [defaults["cdns.blur_radius"] * k for k in (0.5, 2.0, 4.0)]
+
+
+def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_orderings(tmp_path, monkeypatch):
+    from pipeline import ablations
+    from conftest import REPO
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    dino = {"default": 0.80, "t3-dpo": 0.70, "t3-selfplay": 0.75, "tc-uniform": 0.78, "tc-nm2": 0.79,
+            "tc-np2": 0.60, "tc-n0s05": 0.795}
+
+    def metrics(name, seed):
+        base = dino.get(name.rsplit("-s", 1)[0], 0.7) + 0.001 * seed
+        model = {m: base for m in ablations.MEASURES}
+        return {"sfo": model, "sft": {m: 0.6 for m in ablations.MEASURES},
+                "control": {m: 0.61 + 0.01 * seed for m in ablations.MEASURES}}
+    done = {n: {"params": {}, "metrics": metrics(n, int(n.rsplit("-s", 1)[1]))} for n in ablations.planned()
+            if not n.startswith("td-")}                                           # Table D not run yet
+    text = ablations.write_report(done).read_text()
+    assert "| SFT base (no further training) | `default-s{0,1,2}` (sft) | 0.652 | 0.795 | 0.329 | 0.6000 ± 0.0000" in text
+    assert "| SFT-additional (extra LoRA, SFT loss on positives) | `default-s{0,1,2}` (control) | 0.650 | 0.794 | 0.330 | " \
+           "0.6200 ± 0.0100" in text
+    assert "**Paper's ordering reproduced: yes.** CDNS beats self-play and SFT-additional on dino and id_acc: yes." \
+        in text
+    assert "**Paper's ordering reproduced: yes.** N(0, 1) beats U[0, 1] on dino: yes. Dino order here: N(0, 1) > " \
+           "N(0, 0.5) > N(-2, 1) > U[0, 1] > N(2, 1); the paper's: N(0, 1) > N(0, 0.5) > N(-2, 1) > U[0, 1] > N(2, 1)." \
+        in text
+    # Table 4 (all rows at 0.7 but the default): the paper's best row is not best here, and that is said
+    assert "the paper's best row (blur + generic prompt) is" in text
+    table_d = text.split("## Table D")[1]
+    assert "not run" in table_d and "**Incomplete:**" in table_d
+
+
+def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
+    """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
+    run as experiments, and a second run finds them all done."""
+    import subprocess
+    import sys
+    from conftest import run
+    repo = tmp_path / "repo"
+    shutil.copytree(smoke_repo, repo, symlinks=True)
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run([sys.executable, "-m", "dvc", "checkout", "-f"], repo, check=False)
+    p = run([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], repo)
+    assert "3 experiments planned, 0 already on this commit, 3 to run" in p.stderr, p.stderr[-3000:]
+    names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names)
+    text = (repo / "reports/ablations.md").read_text()
+    table_d = text.split("## Table D")[1]
+    assert "not run" not in table_d and "**Paper's ordering reproduced:" in table_d
+    again = run([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], repo)
+    assert "3 experiments planned, 3 already on this commit, 0 to run" in again.stderr
+    assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=repo, capture_output=True,
+                          text=True).stdout == ""                            # the workspace is left as it was

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
 from transformers import ViTModel
@@ -193,13 +192,8 @@ def attribute_report(negatives: pa.Table, train: pa.Table) -> tuple[list[dict], 
     them: per attribute, how often the reader's label of x- differs from its label of x+, and how often each
     matches the subject's true label. CDNS should change identity details (pattern, mark) and keep context."""
     reader = AttributeReader.from_pretrained(Path(JUDGES) / "reader")
-    rows = pa.compute.index_in(negatives.column("id"), value_set=train.column("id"))
-    train = train.take(rows)
-    pos = manifest.decode_column(train, "target_png", DATA)
-    judged = negatives.column("pos_png").is_valid().to_numpy(zero_copy_only=False)
-    if judged.any():
-        pos[judged] = manifest.decode_column(negatives.filter(pa.array(judged)), "pos_png", OUT_DIR)
-    read_pos = read_attributes(reader, pos)
+    train = manifest.triplets_of(negatives, train, OUT_DIR, DATA)
+    read_pos = read_attributes(reader, manifest.positives(negatives, train, OUT_DIR, DATA))
     read_neg = read_attributes(reader, manifest.decode_column(negatives, "neg_png", OUT_DIR))
     table = []
     for k in world.ATTRS:

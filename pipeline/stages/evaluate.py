@@ -1,8 +1,8 @@
-"""Stage `evaluate` (a DVC `foreach` over `sft` and `sfo`): generate the bench and score it.
+"""Stage `evaluate` (a DVC `foreach` over `sft`, `sfo` and `control`): generate the bench and score it.
 
 Reads params `sampler`, `bench.seeds` and `evaluate`, `data/bench`, `models/judges`, `models/sft` (and
-`models/sfo` for `--model sfo`), and the guidance scale in `reports/guidance.json`. Every bench row is generated
-with `bench.seeds` seeds: the same seeds, sampler settings and guidance for both models. Writes
+`models/sfo` or `models/control` for `--model sfo` or `control`), and the guidance scale in `reports/guidance.json`. Every bench row is generated
+with `bench.seeds` seeds: the same seeds, sampler settings and guidance for every model. Writes
 `reports/eval/<model>/metrics.json` (the six measures, per-attribute accuracies and the protocol),
 `scores.csv` (one row per image) and `grid.png` (reference | ground truth | samples, one row per subject), and
 the samples themselves to `data/eval/<model>/` (manifest.SAMPLE_SCHEMA, read by the `report` stage).
@@ -21,11 +21,11 @@ from ..judges import PROTOCOL, Judges
 from ..model import SubjectFlux, load_trained
 
 BENCH, JUDGES, BASE = "data/bench", "models/judges", "models/sft"
-MODELS = {"sft": None, "sfo": "models/sfo"}   # model name -> its directory beside the base
+MODELS = {"sft": None, "sfo": "models/sfo", "control": "models/control"}   # name -> its directory beside the base
 
 
 def load_model(name: str) -> SubjectFlux:
-    """The SFT base; for `sfo`, its adapter on top (or the whole model `sfo.direct` wrote)."""
+    """The SFT base; for `sfo` and `control`, their adapter on top (or the whole model `sfo.direct` wrote)."""
     return load_trained(MODELS[name] or BASE, BASE)
 
 

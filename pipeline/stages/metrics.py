@@ -1,10 +1,11 @@
 """Stage `metrics`: the final table, `reports/metrics.json`.
 
-Reads `reports/eval/{sft,sfo}/{metrics.json,scores.csv}`, and scores the ground-truth bench renders with the
-same judges (`oracle`: the ceiling of every measure). Writes `sft`, `sfo` and `oracle`, each with the six
-measures, the differences `sfo_minus_sft` with their paired standard errors `sfo_minus_sft_sem` (both models
-sample the same rows with the same seeds, so the per-image differences are paired), the guidance scale both
-models were sampled with, and the protocol. No params.
+Reads `reports/eval/{sft,sfo,control}/{metrics.json,scores.csv}`, and scores the ground-truth bench renders
+with the same judges (`oracle`: the ceiling of every measure on these judges). Writes `sft`, `sfo`, `control`
+(the SFT-additional control) and `oracle`, each with the six measures; the differences `sfo_minus_sft`,
+`control_minus_sft` and `sfo_minus_control`, each with its paired standard error (`..._sem`: all models sample
+the same rows with the same seeds, so the per-image differences are paired); the guidance scale every model
+was sampled with, and the protocol. No params.
 """
 from __future__ import annotations
 
@@ -28,17 +29,21 @@ def per_image(name: str) -> dict[str, np.ndarray]:
             **{m: np.array([float(r[m]) for r in rows]) for m in evaluation.MEASURES}}
 
 
+MODELS = ("sft", "sfo", "control")
+DIFFERENCES = (("sfo", "sft"), ("control", "sft"), ("sfo", "control"))   # (b, a): b minus a
+
+
 def paired_sem(a: dict, b: dict, m: str) -> float:
     """Standard error of the mean per-image difference b - a (same images in the same order)."""
     if a["key"] != b["key"]:
-        raise ConfigError("reports/eval/{sft,sfo}/scores.csv: the two models were not scored on the same images")
+        raise ConfigError("reports/eval/*/scores.csv: two models were not scored on the same images")
     d = b[m] - a[m]
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def main():
     evals = {}
-    for name in ("sft", "sfo"):
+    for name in MODELS:
         path = Path("reports/eval") / name / "metrics.json"
         if not path.exists():
             raise ConfigError(f"{path}: missing; run `dvc repro evaluate@{name}`")
@@ -47,15 +52,19 @@ def main():
     oracle = evaluation.summarize(Judges.load(JUDGES).score(b["truth"], b["refs"], b["prompts"], b["labels"],
                                                             b["truth"], b["masks"]))
     ms = evaluation.MEASURES
-    report = {**{n: {m: e[m] for m in ms} for n, e in evals.items()}, "oracle": {m: oracle[m] for m in ms},
-              "sfo_minus_sft": {m: evals["sfo"][m] - evals["sft"][m] for m in ms},
-              "sfo_minus_sft_sem": {m: paired_sem(per_image("sft"), per_image("sfo"), m) for m in ms},
-              "guidance": evals["sft"]["guidance"], "n_images": evals["sft"]["n_images"], "protocol": PROTOCOL}
+    scores = {n: per_image(n) for n in MODELS}
+    report = {**{n: {m: e[m] for m in ms} for n, e in evals.items()}, "oracle": {m: oracle[m] for m in ms}}
+    for b_, a_ in DIFFERENCES:
+        report[f"{b_}_minus_{a_}"] = {m: evals[b_][m] - evals[a_][m] for m in ms}
+        report[f"{b_}_minus_{a_}_sem"] = {m: paired_sem(scores[a_], scores[b_], m) for m in ms}
+    report.update({"guidance": evals["sft"]["guidance"], "n_images": evals["sft"]["n_images"], "protocol": PROTOCOL})
     stage.write_json(REPORT, report)
-    for name in ("sft", "sfo", "oracle"):
-        stage.log.info("metrics %-6s %s", name, "  ".join(f"{m}={report[name][m]:.4f}" for m in ms))
-    stage.log.info("metrics sfo-sft %s", "  ".join(f"{m}={report['sfo_minus_sft'][m]:+.4f}"
-                                                     f"±{report['sfo_minus_sft_sem'][m]:.4f}" for m in ms))
+    for name in (*MODELS, "oracle"):
+        stage.log.info("metrics %-7s %s", name, "  ".join(f"{m}={report[name][m]:.4f}" for m in ms))
+    for b_, a_ in DIFFERENCES:
+        d = f"{b_}_minus_{a_}"
+        stage.log.info("metrics %s-%s %s", b_, a_, "  ".join(f"{m}={report[d][m]:+.4f}±{report[d + '_sem'][m]:.4f}"
+                                                              for m in ms))
     return [REPORT]
 
 

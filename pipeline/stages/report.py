@@ -1,10 +1,10 @@
 """Stage `report`: `reports/index.html`, one self-contained page (no server, no network: every image is an
-inline PNG, every curve an inline SVG) with the metrics table and the evaluation protocol, the training curves,
-a row per bench subject (reference | SFT samples | SFO samples, same seeds) and a few CDNS quadruplets
-(reference | degraded condition | positive | negative).
+inline PNG, every curve an inline SVG) with the metrics table (SFT base, the SFT-additional control, SFO) and the
+evaluation protocol, the training curves, a row per bench subject (reference | SFT | SFT-additional | SFO
+samples, same seeds) and a few CDNS quadruplets (reference | degraded condition | positive | negative).
 
-Reads `reports/metrics.json`, `reports/eval/{sft,sfo}/metrics.json`, `reports/{sft,sfo}/train.csv`,
-`reports/cdns.json`, `reports/cdns/attributes.csv`, `data/eval/{sft,sfo}`, `data/bench`, `data/train`,
+Reads `reports/metrics.json`, `reports/eval/sft/metrics.json`, `reports/{sft,sfo,control}/train.csv`,
+`reports/cdns.json`, `reports/cdns/attributes.csv`, `data/eval/{sft,sfo,control}`, `data/bench`, `data/train`,
 `data/negatives`.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ QUADRUPLETS = 8
 CURVES = [  # (title, csv, columns)
     ("SFT training loss", "reports/sft/train.csv", ["loss"]),
     ("SFO loss", "reports/sfo/train.csv", ["loss"]),
+    ("SFT-additional control: error on positives, policy and reference", "reports/control/train.csv",
+     ["err_pos", "ref_err_pos"]),
     ("SFO loss per timestep quartile", "reports/sfo/train.csv", ["loss_t0", "loss_t1", "loss_t2", "loss_t3"]),
     ("SFO implicit accuracy", "reports/sfo/train.csv", ["implicit_acc"]),
     ("SFO reward margin", "reports/sfo/train.csv", ["reward_margin"]),
@@ -37,6 +39,7 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th:first-child,td:first-child{text-align:left}img.px{image-rendering:pixelated;width:96px;height:96px;margin:1px}
 .row{display:flex;align-items:center;gap:12px;margin:4px 0}.cap{font-size:13px;color:#555;width:260px}
 div.group{display:flex;gap:2px;padding:2px;border-radius:4px}.sft{background:#e8eef8}.sfo{background:#f8e8e8}
+.control{background:#eef5e6}
 .curves{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-size:13px;text-align:center}
 code{background:#f4f4f4;padding:1px 3px}"""
 
@@ -81,15 +84,20 @@ def svg_curve(title: str, rows: list[dict], columns: list[str], w: int = 340, h:
             f'{legend}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
 
 
+MODELS = (("sft", "SFT base"), ("control", "SFT-additional (control)"), ("sfo", "SFO"))
+LABELS = dict(MODELS)
+
+
 def metrics_table(m: dict) -> str:
     head = "".join(f"<th>{k}</th>" for k in evaluation.MEASURES)
     rows = []
-    for name in ("sft", "sfo", "oracle"):
-        rows.append(f"<tr><td>{name}</td>" + "".join(f"<td>{m[name][k]:.4f}</td>" for k in evaluation.MEASURES)
+    for name, label in (*MODELS, ("oracle", "ground truth (oracle)")):
+        rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{m[name][k]:.4f}</td>" for k in evaluation.MEASURES)
                     + "</tr>")
-    d, sem = m["sfo_minus_sft"], m.get("sfo_minus_sft_sem", {})
-    rows.append("<tr><td>sfo − sft (± paired SEM)</td>" + "".join(
-        f"<td>{d[k]:+.4f} ± {sem.get(k, float('nan')):.4f}</td>" for k in evaluation.MEASURES) + "</tr>")
+    for b, a in (("sfo", "sft"), ("control", "sft"), ("sfo", "control")):
+        d, sem = m[f"{b}_minus_{a}"], m[f"{b}_minus_{a}_sem"]
+        rows.append(f"<tr><td>{LABELS[b]} − {LABELS[a]} (± paired SEM)</td>" + "".join(
+            f"<td>{d[k]:+.4f} ± {sem[k]:.4f}</td>" for k in evaluation.MEASURES) + "</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -100,8 +108,8 @@ def samples_by_key(path: str) -> dict[tuple[str, int], np.ndarray]:
     return {(i, int(k)): img for i, k, img in zip(t.column("row_id").to_pylist(), t.column("k").to_pylist(), imgs)}
 
 
-def subject_rows(bench, sft: dict, sfo: dict) -> str:
-    """One line per bench subject (its first prompt): reference | SFT samples | SFO samples, same seeds."""
+def subject_rows(bench, samples: dict[str, dict]) -> str:
+    """One line per bench subject (its first prompt): reference | each model's samples, same seeds."""
     refs = manifest.decode_column(bench, "ref_png", "data/bench")
     ids, prompts = bench.column("id").to_pylist(), bench.column("prompt").to_pylist()
     seen, lines = set(), []
@@ -109,9 +117,9 @@ def subject_rows(bench, sft: dict, sfo: dict) -> str:
         if subject in seen:
             continue
         seen.add(subject)
-        seeds = sorted(s for (i, s) in sft if i == ids[r])
-        groups = [f'<div class="group {m}">' + "".join(img_tag(d[(ids[r], s)], f"{m} seed #{s}") for s in seeds)
-                  + "</div>" for m, d in (("sft", sft), ("sfo", sfo))]
+        seeds = sorted(s for (i, s) in samples["sft"] if i == ids[r])
+        groups = [f'<div class="group {m}">' + "".join(img_tag(samples[m][(ids[r], s)], f"{LABELS[m]} seed #{s}")
+                                                       for s in seeds) + "</div>" for m, _ in MODELS]
         lines.append(f'<div class="row"><div class="cap">{html.escape(ids[r])}<br>{html.escape(prompts[r])}</div>'
                      f'{img_tag(refs[r], "reference")}{"".join(groups)}</div>')
     return "\n".join(lines)
@@ -120,19 +128,16 @@ def subject_rows(bench, sft: dict, sfo: dict) -> str:
 def quadruplets(train, negatives) -> str:
     neg = negatives.slice(0, QUADRUPLETS)
     ids = neg.column("id").to_pylist()
-    pos_col = neg.column("pos_png").to_pylist()
-    train_ids = train.column("id").to_pylist()
-    rows = [train_ids.index(i) for i in ids]
-    sub = train.take(rows)
-    refs, targets = (manifest.decode_column(sub, c, "data/train") for c in ("ref_png", "target_png"))
+    sub = manifest.triplets_of(neg, train, "data/negatives", "data/train")
+    refs, positives = manifest.decode_column(sub, "ref_png", "data/train"), \
+        manifest.positives(neg, sub, "data/negatives", "data/train")
     conds, negs = (manifest.decode_column(neg, c, "data/negatives") for c in ("cond_png", "neg_png"))
     lines = []
     for k, i in enumerate(ids):
-        pos = manifest.decode_png(pos_col[k], i) if pos_col[k] is not None else targets[k]
         lines.append(f'<div class="row"><div class="cap">{html.escape(i)}<br>x−: '
                      f'{html.escape(neg.column("neg_prompt")[k].as_py())}</div>'
                      + "".join(img_tag(im, t) for im, t in ((refs[k], "reference"), (conds[k], "degraded condition"),
-                                                            (pos, "positive x+"), (negs[k], "negative x−")))
+                                                            (positives[k], "positive x+"), (negs[k], "negative x−")))
                      + "</div>")
     return "\n".join(lines)
 
@@ -151,23 +156,26 @@ def main():
     cdns = json.loads(Path("reports/cdns.json").read_text())
     bench, train = manifest.read("data/bench"), manifest.read("data/train")
     negatives = manifest.read("data/negatives/manifest.parquet", manifest.NEGATIVE_SCHEMA)
-    sft, sfo = samples_by_key("data/eval/sft"), samples_by_key("data/eval/sfo")
+    samples = {name: samples_by_key(f"data/eval/{name}") for name, _ in MODELS}
     protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in ev["protocol"].items())
-    curves = "".join(svg_curve(t, read_csv(p), cols) for t, p, cols in CURVES)
+    # a curve whose columns a run did not log is left out (sfo.pairs=sft_additional logs no pair diagnostics)
+    curves = "".join(svg_curve(t, rows, cols) for t, p, cols in CURVES
+                     if (rows := read_csv(p)) and all(c in rows[0] for c in cols))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SFO Pipeline report</title>
 <style>{STYLE}</style></head><body>
 <h1>SFO Pipeline report</h1>
-<p>SFT base vs SFO on the embedded bench: {ev['n_subjects']} held-out subjects, {ev['n_images']} images per model,
-{ev['seeds_per_prompt']} seeds per prompt, the same seeds for both models, {ev['sampler']['steps']} Euler steps,
+<p>SFT base, SFT-additional control (the SFO LoRA trained with the plain SFT loss on the same positives) and SFO
+on the embedded bench: {ev['n_subjects']} held-out subjects, {ev['n_images']} images per model,
+{ev['seeds_per_prompt']} seeds per prompt, the same seeds for every model, {ev['sampler']['steps']} Euler steps,
 guidance {m['guidance']:g} (chosen for the SFT base's dino on a validation split of other subjects).
-<code>oracle</code> scores the ground-truth renders.</p>
+The oracle row scores the ground-truth renders.</p>
 <h2>Metrics</h2>{metrics_table(m)}
 <h3>Evaluation protocol</h3><ul>{protocol}</ul>
 <h2>Training curves</h2><div class="curves">{curves}</div>
 <h2>Samples: one row per bench subject</h2>
-<p>reference | <span class="sft">SFT samples</span> | <span class="sfo">SFO samples</span>
-(same seeds, first prompt of each subject; hover for labels).</p>
-{subject_rows(bench, sft, sfo)}
+<p>reference | <span class="sft">SFT samples</span> | <span class="control">SFT-additional samples</span> |
+<span class="sfo">SFO samples</span> (same seeds, first prompt of each subject; hover for labels).</p>
+{subject_rows(bench, samples)}
 <h2>CDNS quadruplets</h2>
 <p>reference | degraded condition (<code>cdns.image</code> = {html.escape(cdns['image'])}, text
 <code>{html.escape(cdns['text'])}</code>, pairs <code>{html.escape(cdns.get('pairs', 'cdns'))}</code>) | positive x+ | negative x−,

@@ -1,4 +1,5 @@
-"""Stage `sfo`: Subject Fidelity Optimization on CDNS pairs (METHOD.md section 4).
+"""Stages `sfo` and `control`: Subject Fidelity Optimization on CDNS pairs (METHOD.md section 4), and the
+SFT-additional control it is always compared with.
 
 Reads params `sfo` and `loss`, `data/train`, `data/negatives/manifest.parquet` and `models/sft`. The policy is
 the SFT base plus a trainable rank-`sfo.lora_rank` LoRA; the reference is the same model with that LoRA
@@ -7,49 +8,58 @@ original conditions, one t (`sfo.timesteps`) and one eps per pair shared by its 
 negatives through the policy as one batch and through the reference as one no-grad batch, and minimises
 L_SFO (flow.sfo_loss). Writes the adapter to `models/sfo` and the diagnostics to `reports/sfo/train.csv`.
 
-Ablations: `sfo.pairs` picks the pairs (made by `cdns`, see there) and, for `sft_additional`, the SFT loss on
-the positives instead of L_SFO; `sfo.direct` trains all SFT weights against a frozen copy and writes a whole
-model directory to `models/sfo` instead of an adapter.
+`--control` (the DVC stage `control`) trains the same LoRA with the same optimiser, steps and data order, but with
+the SFT stage's loss on the positives alone (the paper's "SFT-additional" row): the flow-matching error with
+the SFT's timestep distribution (`sft.timestep_mu`, `sft.timestep_sigma`), on the first `cdns.num_triplets`
+training targets, the triplets CDNS made its negatives for. It writes `models/control` and
+`reports/control/train.csv`, and needs no negatives, so it is shared by every experiment that changes only CDNS.
+
+Ablations: `sfo.pairs` picks the pairs (made by `cdns`, see there); `sft_additional` makes this stage train the
+control's objective; `sfo.direct` trains all SFT weights against a frozen copy and writes a whole model
+directory to `models/sfo` instead of an adapter.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import dataclasses
 import shutil
+import sys
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from .. import checkpoint, config, flow, manifest, stage
 from ..model import Conditioning, SubjectFlux, adapters_disabled, add_lora, save_lora, speed_options
 
 DATA, NEGATIVES, BASE = "data/train", "data/negatives/manifest.parquet", "models/sft"
-OUT_DIR, CURVE, WORK = "models/sfo", "reports/sfo/train.csv", "checkpoints/sfo"
 ADAPTER = "sfo"
+OUTPUTS = {  # run -> (model directory, curve, work directory)
+    "sfo": ("models/sfo", "reports/sfo/train.csv", "checkpoints/sfo"),
+    "control": ("models/control", "reports/control/train.csv", "checkpoints/control")}
 T_BINS = 4
 
 
 def load_pairs():
-    """Positives, negatives, references and prompts of every triplet that has a negative. The positive is the
-    triplet's target, or the manifest's `pos_png` where it has one (judge DPO)."""
+    """Positives, negatives, references and prompts of every triplet that has a negative (the positive: the
+    triplet's target, or the manifest's `pos_png` where it has one: judge DPO)."""
     negatives = manifest.read(NEGATIVES, manifest.NEGATIVE_SCHEMA)
-    train = manifest.read(DATA)
-    ids = negatives.column("id")
-    idx = pc.index_in(ids, value_set=train.column("id"))
-    if idx.null_count:
-        missing = ids.filter(pc.is_null(idx))[0].as_py()
-        raise config.ConfigError(f"{NEGATIVES}: row id={missing!r} has no triplet in {DATA}")
-    train = train.take(idx)
+    train = manifest.triplets_of(negatives, manifest.read(DATA), NEGATIVES, DATA)
 
     def img(table, col, src):
         return torch.from_numpy(manifest.to_float(manifest.decode_column(table, col, src)))
-    pos = img(train, "target_png", DATA)
-    judged = negatives.column("pos_png").is_valid().to_numpy(zero_copy_only=False)
-    if judged.any():
-        rows = np.flatnonzero(judged)
-        pos[rows] = img(negatives.take(rows), "pos_png", NEGATIVES)
+    pos = torch.from_numpy(manifest.to_float(manifest.positives(negatives, train, NEGATIVES, DATA)))
     return pos, img(negatives, "neg_png", NEGATIVES), img(train, "ref_png", DATA), train.column("prompt").to_pylist()
+
+
+def load_positives(n: int):
+    """The SFT-additional data: targets, references and prompts of the first `n` training triplets (0: all)."""
+    train = manifest.read(DATA)
+    train = train.slice(0, train.num_rows if n == 0 else min(n, train.num_rows))
+    pos = torch.from_numpy(manifest.to_float(manifest.decode_column(train, "target_png", DATA)))
+    return pos, None, torch.from_numpy(manifest.to_float(manifest.decode_column(train, "ref_png", DATA))), \
+        train.column("prompt").to_pylist()
 
 
 def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
@@ -58,34 +68,47 @@ def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
     return flow.logit_normal(n, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
 
 
-def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
-             reference=adapters_disabled, reference_model: SubjectFlux | None = None, objective: str = "sfo"):
-    """One SFO loss evaluation: the reference on [x+; x-] as one no-grad batch (inside `reference(model)`: by
-    default the SFO adapter switched off; or a separate frozen `reference_model`), then the policy likewise.
-    With `loss.sft_weight` > 0 the positives' mean error is added (an SFT anchor; 0 is the paper's loss).
-    `objective="sft"` minimises the positives' error alone (the SFT-additional control), with the same
-    diagnostics."""
+def reference_errors(model: SubjectFlux, x_t, t, c, x, eps, reference=adapters_disabled,
+                     reference_model: SubjectFlux | None = None) -> torch.Tensor:
+    """The reference's per-sample errors, no grad: inside `reference(model)` (by default the SFO adapter switched
+    off), or a separate frozen `reference_model` (`sfo.direct`)."""
+    ref = reference_model if reference_model is not None else model
+    with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference(model)):
+        return flow.per_sample_error(ref(x_t, t, c), x, eps)
+
+
+def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss, **ref_kw):
+    """One SFO loss evaluation: the reference on [x+; x-] as one no-grad batch, then the policy likewise (the
+    reference first: the policy's pass reuses its transient memory). With `loss.sft_weight` > 0 the positives'
+    mean error is added (an SFT anchor; 0 is the paper's loss)."""
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
-    ref = reference_model if reference_model is not None else model
-    with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference(model)):
-        ref_pos, ref_neg = flow.per_sample_error(ref(x_t, t2, c2), x, eps2).chunk(2)   # first: its transient
-    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)     # memory is reused here
+    ref_pos, ref_neg = reference_errors(model, x_t, t2, c2, x, eps2, **ref_kw).chunk(2)
+    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
-    if objective == "sft":
-        loss = err_pos.mean()
-        stats["loss"] = loss.detach()
-    elif loss_cfg.sft_weight:
+    if loss_cfg.sft_weight:
         stats["sft_term"] = err_pos.mean().detach()
         loss = loss + loss_cfg.sft_weight * err_pos.mean()
         stats["loss"] = loss.detach()
     return loss, stats
 
 
+def sft_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, **ref_kw):
+    """The SFT-additional control: the flow-matching error of the policy on the positives alone, with the
+    reference's error on the same noisy inputs beside it (a diagnostic, no grad)."""
+    x_t = flow.interpolate(x_pos, eps, t)
+    ref_pos = reference_errors(model, x_t, t, c, x_pos, eps, **ref_kw)
+    err_pos = flow.per_sample_error(model(x_t, t, c), x_pos, eps)
+    loss = err_pos.mean()
+    return loss, {"loss": loss.detach(), "pair_loss": err_pos.detach(), "err_pos": loss.detach(),
+                  "ref_err_pos": ref_pos.mean()}
+
+
 def sfo_backward(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
-                 micro_batch: int = 0, **kw) -> dict[str, torch.Tensor]:
-    """Forward and backward of `sfo_step` over P pairs, `micro_batch` pairs at a time (0: all at once). The loss
+                 micro_batch: int = 0, objective: str = "sfo", **kw) -> dict[str, torch.Tensor]:
+    """Forward and backward of `sfo_step` (or, with `objective="sft"`, of `sft_step` on the positives alone)
+    over P pairs, `micro_batch` pairs at a time (0: all at once). The loss
     is a mean of per-pair terms, so the chunks' gradients, each scaled by its share of the pairs, add up to the
     full batch's (up to float summation order): memory of `micro_batch` pairs, the update of P. Returns the
     diagnostics of all P pairs."""
@@ -94,7 +117,10 @@ def sfo_backward(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss
     parts = []
     for start in range(0, n, size):
         rows = slice(start, start + size)
-        loss, stats = sfo_step(model, c.select(rows), x_pos[rows], x_neg[rows], t[rows], eps[rows], loss_cfg, **kw)
+        if objective == "sft":
+            loss, stats = sft_step(model, c.select(rows), x_pos[rows], t[rows], eps[rows], **kw)
+        else:
+            loss, stats = sfo_step(model, c.select(rows), x_pos[rows], x_neg[rows], t[rows], eps[rows], loss_cfg, **kw)
         share = x_pos[rows].shape[0] / n
         (loss * share if share != 1 else loss).backward()
         parts.append((share, stats))
@@ -119,32 +145,44 @@ def policy_and_reference(cfg: config.Sfo) -> tuple[SubjectFlux, SubjectFlux | No
 
 
 def main():
-    cfg, loss_cfg, tcfg = config.load("sfo", "loss", "train")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--control", action="store_true", help="train the SFT-additional control (stage `control`)")
+    run = "control" if parser.parse_args().control else "sfo"
+    out_dir, curve, work_dir = OUTPUTS[run]
+    cfg, loss_cfg, tcfg, cdns_cfg, sft_cfg = config.load("sfo", "loss", "train", "cdns", "sft")
     stage.set_threads()
-    pos, neg, refs, prompts = load_pairs()
+    objective = "sft" if run == "control" or cfg.pairs == "sft_additional" else "sfo"
+    if objective == "sft":    # the SFT loss, timestep distribution included, on the positives CDNS paired
+        cfg = dataclasses.replace(cfg, pairs="sft_additional", timesteps="logit_normal",
+                                  timestep_mu=sft_cfg.timestep_mu, timestep_sigma=sft_cfg.timestep_sigma)
+        pos, neg, refs, prompts = load_positives(cdns_cfg.num_triplets)
+        fp_params, inputs = {"sfo": cfg, "train": tcfg, "cdns": {"num_triplets": cdns_cfg.num_triplets}}, [DATA, BASE]
+    else:
+        pos, neg, refs, prompts = load_pairs()
+        fp_params, inputs = {"sfo": cfg, "loss": loss_cfg, "train": tcfg}, [DATA, NEGATIVES, BASE]
     model, reference, params = policy_and_reference(cfg)
-    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"sfo": cfg, "loss": loss_cfg, "train": tcfg},
-                                                           [DATA, NEGATIVES, BASE], ignore=("train.checkpoint_every",)))
+    work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(
+        fp_params, inputs, ignore=("train.checkpoint_every",)))
     cuda = torch.cuda.is_available()
     speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
-    objective = "sft" if cfg.pairs == "sft_additional" else "sfo"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.text.encode(sorted(set(prompts)))
     g = torch.Generator().manual_seed(cfg.seed)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sfo: %d pairs (%s), %s (%d trainable parameters), %s, %d steps of %d pairs%s", n, cfg.pairs,
+    stage.log.info("%s: %d %s, %s (%d trainable parameters), %s, %d steps of %d pairs%s", run, n,
+                   "positives (SFT-additional)" if objective == "sft" else f"pairs ({cfg.pairs})",
                    "all SFT weights" if cfg.direct else f"LoRA rank {cfg.lora_rank}", sum(p.numel() for p in params),
                    "SFT loss on the positives" if objective == "sft" else f"beta {loss_cfg.beta:g}", cfg.steps,
                    cfg.pairs_per_step, f", resumed from step {start}" if start else "")
-    stage.log.info("sfo: compile %s, bf16 %s", tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
+    stage.log.info("%s: compile %s, bf16 %s", run, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
-    bar = stage.progress(range(start, cfg.steps), desc="sfo", initial=start, total=cfg.steps)
+    bar = stage.progress(range(start, cfg.steps), desc=run, initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.pairs_per_step,), generator=g)
         c = model.condition(refs[idx], [prompts[i] for i in idx.tolist()])
-        x_pos, x_neg = model.tokens(pos[idx]), model.tokens(neg[idx])
+        x_pos, x_neg = model.tokens(pos[idx]), (model.tokens(neg[idx]) if neg is not None else None)
         eps = torch.randn(x_pos.shape, generator=g)
         t = sample_t(cfg, cfg.pairs_per_step, g)
         opt.zero_grad(set_to_none=True)
@@ -161,22 +199,24 @@ def main():
             row = {"step": step + 1, **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
             row.update({f"loss_t{b}": (float(np.mean(v)) if v else float("nan")) for b, v in enumerate(bins)})
             rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('implicit_acc', float('nan')):.2f}")
             window, bins = [], [[] for _ in range(T_BINS)]
         if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, "sfo")
-    checkpoint.fault_point("sfo:save")
-    stage.log.info("sfo: final loss %.4f, implicit accuracy %.2f, reward margin %.3g", rows[-1]["loss"],
-                   rows[-1]["implicit_acc"], rows[-1]["reward_margin"])
-    shutil.rmtree(OUT_DIR, ignore_errors=True)      # an adapter and a whole model must not mix (run by hand)
+            work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, run)
+    checkpoint.fault_point(f"{run}:save")
+    last = rows[-1]
+    stage.log.info("%s: final loss %.4f, %s", run, last["loss"],
+                   f"error on positives {last['err_pos']:.4f} (reference {last['ref_err_pos']:.4f})" if objective == "sft"
+                   else f"implicit accuracy {last['implicit_acc']:.2f}, reward margin {last['reward_margin']:.3g}")
+    shutil.rmtree(out_dir, ignore_errors=True)      # an adapter and a whole model must not mix (run by hand)
     if cfg.direct:
-        model.eval().save_pretrained(OUT_DIR)
+        model.eval().save_pretrained(out_dir)
     else:
-        save_lora(model, OUT_DIR, ADAPTER)
-    stage.write_csv(CURVE, rows)
-    work.finish({"stage": "sfo", "steps": cfg.steps})
-    return [OUT_DIR, CURVE]
+        save_lora(model, out_dir, ADAPTER)
+    stage.write_csv(curve, rows)
+    work.finish({"stage": run, "steps": cfg.steps})
+    return [out_dir, curve]
 
 
 if __name__ == "__main__":
-    stage.run("sfo", main)
+    stage.run("control" if "--control" in sys.argv else "sfo", main)

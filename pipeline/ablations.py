@@ -1,0 +1,346 @@
+"""`make ablations`: the paper's Tables 3, 4, B, C and D as DVC experiments, and `reports/ablations.md`.
+
+    python -m pipeline.ablations run      # queue what is missing (`dvc exp run --queue`), run the queue, report
+    python -m pipeline.ablations report   # only rewrite reports/ablations.md from `dvc exp show --json`
+    python -m pipeline.ablations list     # the planned experiments and their `-S` overrides
+
+Every experiment is the default pipeline with a few params changed (`EXPERIMENTS`), named
+`<table>-<row>-s<seed>`, on top of the current commit. A seed changes `sfo.seed`, `cdns.seed` and
+`evaluate.seed` together (training and sampling; the data, the judges and the SFT base stay): seed 0 is the
+default run. DVC reruns only the stages an experiment's params reach and restores the others from its run cache,
+so the SFT base, the judges and every stage two experiments share are computed once. Experiments that already
+exist on this commit with metrics are not run again; `--force` reruns them.
+
+The SFT base and the SFT-additional control are stages of every experiment (`evaluate@sft`, `control`), so
+Table 3's first two rows come with the seeds of its CDNS rows at no extra cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import stage
+from .config import ConfigError
+
+OUT = Path("reports/ablations.md")
+SEEDS = (0, 1, 2)
+MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str                      # a short name: part of the experiment's name
+    label: str                    # the paper's row
+    overrides: dict               # params.yaml keys -> values; {} is the default run
+    paper: tuple | None = None    # the paper's (DINO, CLIP-I, CLIP-T) where METHOD.md has them
+    model: str = "sfo"            # which model of the experiment the row reads: sfo, sft or control
+
+
+@dataclass(frozen=True)
+class Table:
+    key: str
+    title: str
+    rows: tuple[Row, ...]
+    seeds: tuple[int, ...]
+    paper_finding: str            # what the paper reports (METHOD.md), checked by `finding`
+    finding: object = field(default=None, compare=False)   # (table results) -> (reproduced?, sentence)
+
+
+def defaults() -> dict:
+    """params.yaml as flat dotted keys (the values every experiment starts from)."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    return {f"{s}.{k}": v for s, section in params.items() for k, v in section.items()}
+
+
+def blur(k: float) -> dict:
+    """The paper's blur radii (2.5, 5, 10, 20 at 512 px) as multiples of the default radius (the paper's 5)."""
+    return {"cdns.blur_radius": round(defaults()["cdns.blur_radius"] * k, 3)}
+
+
+def _means(res, row, m):
+    return res[row.key][m][0]
+
+
+def _beats(res, a, b, m):
+    return _means(res, a, m) > _means(res, b, m)
+
+
+def order_by_dino(t: Table, res) -> list[Row]:
+    return sorted(t.rows, key=lambda r: -_means(res, r, "dino"))
+
+
+def finding_t3(t: Table, res):
+    """Reproduced: CDNS > self-play > each of the three the paper finds equal, on dino. Headline (issue): CDNS beats
+    self-play and SFT-additional on dino and id_acc."""
+    sft, add, dpo, sp, cdns = t.rows
+    reproduced = _beats(res, cdns, sp, "dino") and all(_beats(res, sp, x, "dino") for x in (sft, add, dpo))
+    headline = all(_beats(res, cdns, x, m) for x in (sp, add) for m in ("dino", "id_acc"))
+    return reproduced, ("CDNS beats self-play and SFT-additional on dino and id_acc: " + ("yes" if headline else "no")
+                        + ". Dino order here: " + " > ".join(r.label for r in order_by_dino(t, res))
+                        + "; the paper's: CDNS > self-play > SFT base ≈ judge DPO ≈ SFT-additional.")
+
+
+def finding_tc(t: Table, res):
+    """Reproduced: the paper's whole dino order. Headline (issue): N(0, 1) beats U[0, 1] on dino."""
+    order, paper = order_by_dino(t, res), sorted(t.rows, key=lambda r: -r.paper[0])
+    uniform, normal = t.rows[0], t.rows[1]
+    return order == paper, (f"N(0, 1) beats U[0, 1] on dino: {'yes' if _beats(res, normal, uniform, 'dino') else 'no'}."
+                            " Dino order here: " + " > ".join(r.label for r in order)
+                            + "; the paper's: " + " > ".join(r.label for r in paper) + ".")
+
+
+def finding_best(t: Table, res, best_key: str):
+    """Reproduced: the row the paper finds best is best on dino here too."""
+    order = order_by_dino(t, res)
+    best = next(r for r in t.rows if r.key == best_key)
+    ok = order[0] == best
+    return ok, (f"the paper's best row ({best.label}) is {'also' if ok else 'not'} best on dino here; dino order "
+                "here: " + " > ".join(r.label for r in order) + ".")
+
+
+DEFAULT = Row("cdns", "CDNS", {})
+TABLES = (
+    Table("t3", "Table 3: how the pairs are made", (
+        Row("sft", "SFT base (no further training)", {}, (0.652, 0.795, 0.329), model="sft"),
+        Row("sftadd", "SFT-additional (extra LoRA, SFT loss on positives)", {}, (0.650, 0.794, 0.330),
+            model="control"),
+        Row("dpo", "DPO with a judge (DINO picks the positive of two samples)", {"sfo.pairs": "judge_dpo"},
+            (0.651, 0.795, 0.329)),
+        Row("selfplay", "Self-play (negative: SFT sample, undegraded conditions)", {"sfo.pairs": "self_play"},
+            (0.685, 0.799, 0.326)),
+        Row("cdns", "CDNS", {}, (0.767, 0.834, 0.324)),
+    ), SEEDS, "CDNS > self-play > SFT base ≈ judge DPO ≈ SFT-additional on DINO", finding_t3),
+    Table("tc", "Table C: SFO timestep distribution", (
+        Row("uniform", "U[0, 1]", {"sfo.timesteps": "uniform"}, (0.713, None, None)),
+        Row("n01", "N(0, 1)", {}, (0.767, None, None)),
+        Row("nm2", "N(-2, 1)", {"sfo.timestep_mu": -2.0}, (0.730, None, None)),
+        Row("np2", "N(2, 1)", {"sfo.timestep_mu": 2.0}, (0.664, None, None)),
+        Row("n0s05", "N(0, 0.5)", {"sfo.timestep_sigma": 0.5}, (0.750, None, None)),
+    ), SEEDS, "N(0, 1) > N(0, 0.5) > N(-2, 1) > U[0, 1] > N(2, 1) on DINO", finding_tc),
+    Table("t4", "Table 4: which conditions CDNS degrades", (
+        Row("blur-generic", "blur + generic prompt", {"cdns.image": "blur", "cdns.text": "generic"}),
+        Row("blur-perturbed", "blur + hallucinated prompt", {"cdns.image": "blur", "cdns.text": "perturbed"}),
+        Row("noise-generic", "noise + generic prompt", {"cdns.image": "noise", "cdns.text": "generic"}),
+        Row("semantic-generic", "semantic + generic prompt", {"cdns.image": "semantic", "cdns.text": "generic"}),
+        Row("blur-none", "blur only", {"cdns.image": "blur", "cdns.text": "none"}),
+        Row("none-generic", "generic prompt only", {"cdns.image": "none", "cdns.text": "generic"}),
+    ), (0,), "blur + generic prompt is best", lambda t, res: finding_best(t, res, "blur-generic")),
+    Table("tb", "Table B: blur radius (the paper's 2.5, 5, 10, 20 px at 512 px)", (
+        Row("r0.5", "2.5 (x0.5)", {"_blur": 0.5}),
+        Row("r1", "5 (x1, default)", {}),
+        Row("r2", "10 (x2)", {"_blur": 2.0}),
+        Row("r4", "20 (x4)", {"_blur": 4.0}),
+    ), (0,), "radius 5 is best", lambda t, res: finding_best(t, res, "r1")),
+    Table("td", "Table D: beta", (
+        Row("b500", "500", {"loss.beta": 500.0}),
+        Row("b1000", "1000 (default)", {}),
+        Row("b2000", "2000", {"loss.beta": 2000.0}),
+    ), (0,), "beta 1000 is best", lambda t, res: finding_best(t, res, "b1000")),
+)
+
+
+def overrides(row: Row, seed: int) -> dict:
+    """The `-S` overrides of `row` at `seed`, without those equal to params.yaml (so that a row that is the default
+    run, e.g. Table 4's blur + generic, shares the default run's experiment)."""
+    out = {}
+    for k, v in row.overrides.items():
+        out.update(blur(v) if k == "_blur" else {k: v})
+    if seed:
+        out.update({"sfo.seed": seed, "cdns.seed": seed, "evaluate.seed": seed})
+    base = defaults()
+    unknown = sorted(k for k in out if k not in base)
+    if unknown:
+        raise ConfigError(f"ablations: {unknown} are not keys of params.yaml")
+    return {k: v for k, v in out.items() if base[k] != v}
+
+
+def exp_name(table: Table, row: Row, seed: int) -> str:
+    return f"{table.key}-{row.key}-s{seed}"
+
+
+def selected(tables: tuple[str, ...] | None = None) -> tuple[Table, ...]:
+    keys = [t.key for t in TABLES]
+    if tables and set(tables) - set(keys):
+        raise ConfigError(f"ablations: unknown tables {sorted(set(tables) - set(keys))}; choose from {keys}")
+    return tuple(t for t in TABLES if not tables or t.key in tables)
+
+
+def planned(tables: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Experiment name -> its overrides, for the rows of `tables` (default: all). Rows whose overrides are the same
+    (the default run, the SFT base and the control rows, which read other models of the same run) share one
+    experiment, `default-s<seed>` for the default run, otherwise named after the first row that needs it."""
+    names, wanted = {}, set()
+    for t in TABLES:
+        for row in t.rows:
+            for seed in t.seeds:
+                ov = overrides(row, seed)
+                key = json.dumps(ov, sort_keys=True)
+                if key not in names:
+                    default = not (set(ov) - {"sfo.seed", "cdns.seed", "evaluate.seed"})
+                    names[key] = (f"default-s{seed}" if default else exp_name(t, row, seed), ov)
+                if t in selected(tables):
+                    wanted.add(key)
+    return {name: ov for key, (name, ov) in names.items() if key in wanted}
+
+
+def run_name(table: Table, row: Row, seed: int) -> str:
+    """The experiment that holds `row` at `seed` (shared runs: see `planned`)."""
+    key = json.dumps(overrides(row, seed), sort_keys=True)
+    return next(n for n, ov in planned().items() if json.dumps(ov, sort_keys=True) == key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DVC
+# ---------------------------------------------------------------------------------------------------------
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    return p
+
+
+def head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def finished() -> dict[str, dict]:
+    """Experiments on the current commit that have `reports/metrics.json`: name -> {"params", "metrics"}."""
+    rows = json.loads(dvc("exp", "show", "--json", "--no-fetch", "--rev", "HEAD").stdout or "[]")
+    out = {}
+    for baseline in rows:
+        if baseline.get("rev") != head():
+            continue
+        for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in ("queued", "running"):
+                continue                                       # a running one shows the workspace's metrics
+            for rev in exp.get("revs") or []:
+                if rev.get("rev") == "workspace":
+                    continue
+                data = rev.get("data") or {}
+                metrics = ((data.get("metrics") or {}).get("reports/metrics.json") or {}).get("data")
+                name = rev.get("name") or data.get("name")
+                if name and metrics and not rev.get("error"):
+                    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                    out.setdefault(name, {"params": params, "metrics": metrics})
+    return out
+
+
+def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
+    done, plan = finished(), planned(tables)
+    todo = {n: ov for n, ov in plan.items() if force or n not in done}
+    stage.log.info("ablations: %d experiments planned, %d already on this commit, %d to run", len(plan),
+                   len(plan) - len(todo), len(todo))
+    if not todo:
+        return
+    for name, ov in todo.items():
+        dvc("exp", "run", "--queue", "-f", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
+    start = time.time()
+    dvc("queue", "start", "-j", str(jobs))
+    bar = stage.progress(total=len(todo), desc="ablations")
+    while True:
+        status = dvc("queue", "status", check=False).stdout
+        waiting = sum(line.split()[-1:] in (["Queued"], ["Running"]) for line in status.splitlines())
+        now_done = len(todo) - waiting
+        bar.update(now_done - bar.n)
+        if not waiting:
+            break
+        time.sleep(10)
+    bar.close()
+    failed = [line for line in dvc("queue", "status", check=False).stdout.splitlines() if line.endswith("Failed")]
+    stage.log.info("ablations: queue finished in %.1f min%s", (time.time() - start) / 60,
+                   f"; failed: {failed} (see `dvc queue logs <name>`)" if failed else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, sd, n
+
+
+def results(done: dict, tables=None) -> dict:
+    """table key -> row key -> measure -> (mean, sd, n) over the seeds that finished."""
+    out = {}
+    for t in selected(tables):
+        out[t.key] = {}
+        for row in t.rows:
+            vals = {m: [] for m in MEASURES}
+            for seed in t.seeds:
+                exp = done.get(run_name(t, row, seed))
+                if exp:
+                    for m in MEASURES:
+                        vals[m].append(exp["metrics"][row.model][m])
+            if vals["dino"]:
+                out[t.key][row.key] = {m: mean_sd(v) for m, v in vals.items()}
+    return out
+
+
+def fmt(x: tuple[float, float, int]) -> str:
+    mean, sd, n = x
+    return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {sd:.4f}"
+
+
+def write_report(done: dict, tables: tuple[str, ...] | None = None) -> Path:
+    res = results(done, tables)
+    lines = ["# Ablations: the paper's tables at embedded scale", "",
+             "Written by `make ablations` (`python -m pipeline.ablations run`) from `dvc exp show`; every number is "
+             "an experiment you can inspect with `dvc exp show` and rerun with `dvc exp apply <name>`. ",
+             "Ours: mean ± standard deviation over the seeds listed (a seed sets `sfo.seed`, `cdns.seed` and "
+             "`evaluate.seed`; the SFT base, the judges and the data are shared). The paper's numbers are "
+             "DreamBench DINO / CLIP-I / CLIP-T with FLUX.1-dev (METHOD.md); ours are the embedded world's "
+             "stand-ins, so compare orderings, not values.", ""]
+    for t in selected(tables):
+        r = res[t.key]
+        lines += [f"## {t.title}", "", f"Seeds: {', '.join(map(str, t.seeds))}. Paper: {t.paper_finding}.", "",
+                  "| row | experiment | paper DINO | paper CLIP-I | paper CLIP-T | " + " | ".join(MEASURES) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(MEASURES)]
+        for row in t.rows:
+            paper = [("" if v is None else f"{v:.3f}") for v in (row.paper or (None, None, None))]
+            ours = [fmt(r[row.key][m]) if row.key in r else "not run" for m in MEASURES]
+            names = [run_name(t, row, seed) for seed in t.seeds]
+            stem = names[0][:-1]
+            where = (f"`{stem}{{{','.join(n[-1] for n in names)}}}`" if all(n[:-1] == stem for n in names)
+                     else ", ".join(f"`{n}`" for n in names)) + (f" ({row.model})" if row.model != "sfo" else "")
+            lines.append(f"| {row.label} | {where} | " + " | ".join(paper + ours) + " |")
+        complete = all(row.key in r and r[row.key]["dino"][2] == len(t.seeds) for row in t.rows)
+        if complete:
+            ok, sentence = t.finding(t, r)
+            lines += ["", f"**Paper's ordering reproduced: {'yes' if ok else 'no'}.** {sentence}", ""]
+        else:
+            lines += ["", "**Incomplete:** some experiments of this table have not finished; run `make ablations`.", ""]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    stage.log.info("ablations: wrote %s (%d experiments found)", OUT, len(done))
+    return OUT
+
+
+def main(argv=None) -> list[Path]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("run", "report", "list"))
+    ap.add_argument("--force", action="store_true", help="rerun experiments that already exist on this commit")
+    ap.add_argument("--jobs", type=int, default=1, help="queue workers (`dvc queue start -j`)")
+    ap.add_argument("--tables", nargs="+", help=f"only these tables (default: all of {[t.key for t in TABLES]})")
+    args = ap.parse_args(argv)
+    tables = tuple(args.tables) if args.tables else None
+    if args.command == "list":
+        for name, ov in planned(tables).items():
+            print(name, " ".join(f"-S {k}={v}" for k, v in ov.items()), flush=True)
+        return []
+    if args.command == "run":
+        queue_and_run(args.force, args.jobs, tables)
+    return [write_report(finished(), tables)]
+
+
+if __name__ == "__main__":
+    stage.run("ablations", main)
