@@ -240,8 +240,11 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
                    len(plan) - len(todo), len(todo))
     if not todo:
         return
+    stale = [n for n in todo if n in done]
+    if stale:                                     # --force: drop the old ones (`dvc exp run -f` would instead
+        dvc("exp", "remove", *stale)              # recompute every stage of the experiment, shared ones too)
     for name, ov in todo.items():
-        dvc("exp", "run", "--queue", "-f", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
+        dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
     start = time.time()
     dvc("queue", "start", "-j", str(jobs))
     bar = stage.progress(total=len(todo), desc="ablations")
