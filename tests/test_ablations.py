@@ -158,11 +158,17 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
     def metrics(name, seed):
         base = dino.get(name.rsplit("-s", 1)[0], 0.7) + 0.001 * seed
         model = {m: base for m in ablations.MEASURES}
-        return {"sfo": model, "sft": {m: 0.6 for m in ablations.MEASURES},
-                "control": {m: 0.61 + 0.01 * seed for m in ablations.MEASURES}}
+        sft, control = {m: 0.6 for m in ablations.MEASURES}, {m: 0.61 + 0.01 * seed for m in ablations.MEASURES}
+        every = (*ablations.MEASURES, "subject_mse")
+        return {"sfo": model, "sft": sft, "control": control,
+                "sfo_minus_sft": {m: 0.04 + 0.001 * seed for m in every},
+                "control_minus_sft": {m: 0.001 * seed for m in every}}
     done = {n: {"params": {}, "metrics": metrics(n, int(n.rsplit("-s", 1)[1]))} for n in ablations.planned()
             if not n.startswith("td-")}                                           # Table D not run yet
     text = ablations.write_report(done).read_text()
+    assert "| sfo − sft | dino | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | >= +0.03 and > 2 SD | yes |" in text
+    assert "| sfo − sft | id_acc | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | >= +0.05 and > 2 SD | **no** |" in text
+    assert "| sfo − sft | subject_mse | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | < 0 | **no** |" in text
     assert "| SFT base (no further training) | `default-s{0,1,2}` (sft) | 0.652 | 0.795 | 0.329 | 0.6000 ± 0.0000" in text
     assert "| SFT-additional (extra LoRA, SFT loss on positives) | `default-s{0,1,2}` (control) | 0.650 | 0.794 | 0.330 | " \
            "0.6200 ± 0.0100" in text
