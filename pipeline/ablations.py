@@ -247,7 +247,9 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
     for name, ov in todo.items():
         dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
     start = time.time()
-    dvc("queue", "start", "-j", str(jobs))
+    # the queue's worker is a daemon that inherits the caller's stdout/stderr: capturing them would wait for it
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     bar = stage.progress(total=len(todo), desc="ablations")
     while True:
         status = dvc("queue", "status", check=False).stdout
@@ -258,6 +260,7 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
             break
         time.sleep(10)
     bar.close()
+    dvc("queue", "stop", check=False)                 # the idle worker would otherwise stay behind
     failed = [line for line in dvc("queue", "status", check=False).stdout.splitlines() if line.endswith("Failed")]
     stage.log.info("ablations: queue finished in %.1f min%s", (time.time() - start) / 60,
                    f"; failed: {failed} (see `dvc queue logs <name>`)" if failed else "")
