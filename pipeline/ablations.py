@@ -17,6 +17,7 @@ Table 3's first two rows come with the seeds of its CDNS rows at no extra cost.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -56,8 +57,14 @@ class Table:
 
 def defaults() -> dict:
     """params.yaml as flat dotted keys (the values every experiment starts from)."""
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    return {f"{s}.{k}": v for s, section in params.items() for k, v in section.items()}
+    path = Path("params.yaml").resolve()
+    return dict(_flat_params(str(path), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _flat_params(path: str, mtime_ns: int) -> tuple:
+    params = yaml.safe_load(Path(path).read_text())
+    return tuple((f"{s}.{k}", v) for s, section in params.items() for k, v in section.items())
 
 
 def blur(k: float) -> dict:
