@@ -91,15 +91,26 @@ def finding_t3(t: Table, res):
     reproduced = _beats(res, cdns, sp, "dino") and all(_beats(res, sp, x, "dino") for x in (sft, add, dpo))
     headline = all(_beats(res, cdns, x, m) for x in (sp, add) for m in ("dino", "id_acc"))
     return reproduced, ("CDNS beats self-play and SFT-additional on dino and id_acc: " + ("yes" if headline else "no")
-                        + ". Dino order here: " + " > ".join(r.label for r in order_by_dino(t, res))
+                        + " (paired over seeds, CDNS minus self-play: dino " + paired(res, cdns, sp, "dino")
+                        + ", id_acc " + paired(res, cdns, sp, "id_acc") + "; minus SFT-additional: dino "
+                        + paired(res, cdns, add, "dino") + ", id_acc " + paired(res, cdns, add, "id_acc")
+                        + "). Dino order here: " + " > ".join(r.label for r in order_by_dino(t, res))
                         + "; the paper's: CDNS > self-play > SFT base ≈ judge DPO ≈ SFT-additional.")
+
+
+def paired(res, a: Row, b: Row, m: str) -> str:
+    """a minus b per seed (same seeds: the same negatives and bench samples), as mean ± SD over seeds."""
+    d = [x - y for x, y in zip(res[a.key]["values"][m], res[b.key]["values"][m])]
+    mean, sd, n = mean_sd(d)
+    return f"{mean:+.4f} ± {sd:.4f}" if n > 1 else f"{mean:+.4f}"
 
 
 def finding_tc(t: Table, res):
     """Reproduced: the paper's whole dino order. Headline (issue): N(0, 1) beats U[0, 1] on dino."""
     order, paper = order_by_dino(t, res), sorted(t.rows, key=lambda r: -r.paper[0])
     uniform, normal = t.rows[0], t.rows[1]
-    return order == paper, (f"N(0, 1) beats U[0, 1] on dino: {'yes' if _beats(res, normal, uniform, 'dino') else 'no'}."
+    return order == paper, (f"N(0, 1) beats U[0, 1] on dino: {'yes' if _beats(res, normal, uniform, 'dino') else 'no'} "
+                            f"(paired over seeds: {paired(res, normal, uniform, 'dino')})."
                             " Dino order here: " + " > ".join(r.label for r in order)
                             + "; the paper's: " + " > ".join(r.label for r in paper) + ".")
 
@@ -297,6 +308,7 @@ def results(done: dict, tables=None) -> dict:
                         vals[m].append(exp["metrics"][row.model][m])
             if vals["dino"]:
                 out[t.key][row.key] = {m: mean_sd(v) for m, v in vals.items()}
+                out[t.key][row.key]["values"] = vals          # per seed, in seed order
     return out
 
 
@@ -329,9 +341,9 @@ def headline(done: dict) -> list[str]:
     return lines + [""]
 
 
-def fmt(x: tuple[float, float, int]) -> str:
+def fmt(x: tuple[float, float, int], seeds: int) -> str:
     mean, sd, n = x
-    return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {sd:.4f}"
+    return (f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {sd:.4f}") + (f" (n={n})" if n < seeds else "")
 
 
 def write_report(done: dict, tables: tuple[str, ...] | None = None) -> Path:
@@ -352,7 +364,7 @@ def write_report(done: dict, tables: tuple[str, ...] | None = None) -> Path:
                   "|---|---|---|---|---|" + "---|" * len(MEASURES)]
         for row in t.rows:
             paper = [("" if v is None else f"{v:.3f}") for v in (row.paper or (None, None, None))]
-            ours = [fmt(r[row.key][m]) if row.key in r else "not run" for m in MEASURES]
+            ours = [fmt(r[row.key][m], len(t.seeds)) if row.key in r else "not run" for m in MEASURES]
             names = [run_name(t, row, seed) for seed in t.seeds]
             stem = names[0][:-1]
             where = (f"`{stem}{{{','.join(n[-1] for n in names)}}}`" if all(n[:-1] == stem for n in names)

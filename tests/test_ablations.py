@@ -172,9 +172,9 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
     assert "| SFT base (no further training) | `default-s{0,1,2}` (sft) | 0.652 | 0.795 | 0.329 | 0.6000 ± 0.0000" in text
     assert "| SFT-additional (extra LoRA, SFT loss on positives) | `default-s{0,1,2}` (control) | 0.650 | 0.794 | 0.330 | " \
            "0.6200 ± 0.0100" in text
-    assert "**Paper's ordering reproduced: yes.** CDNS beats self-play and SFT-additional on dino and id_acc: yes." \
+    assert "**Paper's ordering reproduced: yes.** CDNS beats self-play and SFT-additional on dino and id_acc: yes (" \
         in text
-    assert "**Paper's ordering reproduced: yes.** N(0, 1) beats U[0, 1] on dino: yes. Dino order here: N(0, 1) > " \
+    assert "**Paper's ordering reproduced: yes.** N(0, 1) beats U[0, 1] on dino: yes (paired over seeds: +0.0200 ± 0.0000). Dino order here: N(0, 1) > " \
            "N(0, 0.5) > N(-2, 1) > U[0, 1] > N(2, 1); the paper's: N(0, 1) > N(0, 0.5) > N(-2, 1) > U[0, 1] > N(2, 1)." \
         in text
     # Table 4 (all rows at 0.7 but the default): the paper's best row is not best here, and that is said
