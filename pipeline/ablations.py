@@ -367,7 +367,8 @@ def write_report(done: dict, tables: tuple[str, ...] | None = None) -> Path:
             ours = [fmt(r[row.key][m], len(t.seeds)) if row.key in r else "not run" for m in MEASURES]
             names = [run_name(t, row, seed) for seed in t.seeds]
             stem = names[0][:-1]
-            where = (f"`{stem}{{{','.join(n[-1] for n in names)}}}`" if all(n[:-1] == stem for n in names)
+            where = (f"`{names[0]}`" if len(names) == 1 else
+                     f"`{stem}{{{','.join(n[-1] for n in names)}}}`" if all(n[:-1] == stem for n in names)
                      else ", ".join(f"`{n}`" for n in names)) + (f" ({row.model})" if row.model != "sfo" else "")
             lines.append(f"| {row.label} | {where} | " + " | ".join(paper + ours) + " |")
         complete = all(row.key in r and r[row.key]["dino"][2] == len(t.seeds) for row in t.rows)
