@@ -42,10 +42,24 @@ class Prepare:
     train_subjects: int = 1500
     targets_per_subject: int = 2
     shard_rows: int = 2000        # rows per Parquet shard
+    # Real scale (issue 4): `source: subjects200k` reads Subjects200K instead of rendering the embedded world.
+    source: str = "embedded"      # embedded | subjects200k
+    subjects200k: str = "Yuanshi/Subjects200K"   # a hub dataset id, or a local Parquet file or folder of them
+    collection: str = "collection_2"  # Subjects200K's `collection` column ("" = every collection)
+    min_quality: int = 5          # keep pairs whose three quality_assessment scores are all >= this
+    subset: int = 5000            # training pairs kept (after the filters, in dataset order; 0 = all)
+    val_subset: int = 64          # pairs after the training ones, held out to choose the guidance scale
+    image_size: int = 512         # side of the crops written to the manifests (Subjects200K crops are 512)
+    padding: int = 8              # Subjects200K's padding around and between the two halves of a pair image
+
+    SOURCES = ("embedded", "subjects200k")
 
     def check(self):
-        for k in ("train_subjects", "targets_per_subject", "shard_rows"):
+        for k in ("train_subjects", "targets_per_subject", "shard_rows", "image_size"):
             _require(getattr(self, k) >= 1, f"prepare.{k}", "must be >= 1")
+        _choice(self.source, self.SOURCES, "prepare.source")
+        for k in ("min_quality", "subset", "val_subset", "padding"):
+            _require(getattr(self, k) >= 0, f"prepare.{k}", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,13 @@ class Bench:
     seeds: int = 2                # sampling seeds per (subject, prompt)
     val_seed: int = 4242          # seed of the validation subjects (guidance tuning), disjoint from both
     val_subjects: int = 30
+    source: str = "embedded"      # embedded | dreambench (real scale: ../shared/dreambench or dreambench_root)
+    dreambench_root: str = ""     # "" = $SFO_DREAMBENCH, else ../shared/dreambench beside the repository
+
+    SOURCES = ("embedded", "dreambench")
 
     def check(self):
+        _choice(self.source, self.SOURCES, "bench.source")
         for k in ("subjects", "prompts_per_subject", "seeds", "val_subjects"):
             _require(getattr(self, k) >= 1, f"bench.{k}", "must be >= 1 (a bench with zero items measures nothing)")
 
@@ -72,8 +91,18 @@ class Judges:
     dino_steps: int = 600
     clip_steps: int = 600
     lr: float = 1e-3
+    # Real scale: `source: pretrained` loads DINO and CLIP (hub ids or local paths) instead of training them.
+    source: str = "embedded"      # embedded | pretrained
+    dino: str = "facebook/dino-vits16"
+    clip: str = "openai/clip-vit-base-patch32"   # or openai/clip-vit-large-patch14
+    reference_pairing: str = "all"   # DINO / CLIP-I against every reference of the subject ("all") or the first
+
+    SOURCES = ("embedded", "pretrained")
+    PAIRINGS = ("all", "first")
 
     def check(self):
+        _choice(self.source, self.SOURCES, "judges.source")
+        _choice(self.reference_pairing, self.PAIRINGS, "judges.reference_pairing")
         for k in ("train_renders", "val_renders", "batch_size"):
             _require(getattr(self, k) >= 2, f"judges.{k}", "must be >= 2")
         for k in ("attr_steps", "dino_steps", "clip_steps"):
@@ -95,9 +124,14 @@ class Model:
     pooled_dim: int = 32          # CLIP-text stand-in width (pooled_projection_dim)
     max_text_len: int = 12
     text_seed: int = 0            # seed of the frozen random text encoders
-    backbone: str = "embedded"    # the embedded world's pixel-patch FLUX; FLUX.1-dev arrives with issue 4
+    backbone: str = "embedded"    # embedded: the pixel-patch FLUX built from this section; flux: FLUX.1-dev
+    # backbone flux: the diffusers FluxPipeline layout (transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/,
+    # scheduler/) as a hub id or a local folder. The transformer's own config replaces the sizes above;
+    # patch_size is the 2x2 latent packing, max_text_len the T5 sequence length.
+    pretrained: str = "black-forest-labs/FLUX.1-dev"
+    gradient_checkpointing: bool = True   # backbone flux, on CUDA
 
-    BACKBONES = ("embedded",)
+    BACKBONES = ("embedded", "flux")
 
     def check(self):
         _choice(self.backbone, self.BACKBONES, "model.backbone")
@@ -128,8 +162,17 @@ class Sft:
     timestep_mu: float = 0.0            # logit-normal t = sigmoid(n), n ~ N(mu, sigma)
     timestep_sigma: float = 1.0
     log_every: int = 25
+    # backbone flux: the OminiControl LoRA (routed to the condition tokens only), trained, or loaded
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    init_lora: str = ""           # a local path or hub id of a released OminiControl LoRA: loaded, not trained
+    optimizer: str = "adamw"      # adamw | prodigy (the paper's; `pip install prodigyopt`, lr 1)
+
+    OPTIMIZERS = ("adamw", "prodigy")
 
     def check(self):
+        _choice(self.optimizer, self.OPTIMIZERS, "sft.optimizer")
+        _require(self.lora_rank >= 1, "sft.lora_rank", "must be >= 1")
         for k in ("steps", "batch_size", "log_every"):
             _require(getattr(self, k) >= 1, f"sft.{k}", "must be >= 1")
         _positive(self, "sft", "lr", "timestep_sigma", "grad_clip")
@@ -146,12 +189,14 @@ class Train:
     """Shared by `sft` and `sfo`: resumable training (pipeline/checkpoint.py) and the forward's speed options."""
     checkpoint_every: int = 100   # steps between checkpoints in checkpoints/<stage>/ (the last step needs none)
     compile: str = "auto"         # torch.compile the forward: on, off, or auto (on with CUDA, off on CPU)
+    processes: int = 1            # `sft` / `sfo` under `accelerate launch --num_processes N` (DDP); see README
     bf16: str = "auto"            # bf16 autocast of the forward: on, off, or auto (on with CUDA, off on CPU)
 
     SWITCH = ("auto", "on", "off")
 
     def check(self):
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _require(self.processes >= 1, "train.processes", "must be >= 1")
         _choice(self.compile, self.SWITCH, "train.compile")
         _choice(self.bf16, self.SWITCH, "train.bf16")
 
@@ -230,6 +275,7 @@ class Sfo:
     micro_batch: int = 0          # pairs per forward/backward (gradient accumulation); 0 = pairs_per_step at once
     pairs: str = "cdns"           # how (x+, x-) pairs are made: see PAIRS_CHOICES and docs/architecture.md
     direct: bool = False          # train the SFT weights themselves (reference: a frozen copy) instead of a LoRA
+    optimizer: str = "adamw"      # adamw | prodigy (the paper's; lr 1)
 
     TIMESTEP_CHOICES = ("logit_normal", "uniform")
     # cdns: x- from degraded conditions (the method); self_play: x- from the undegraded conditions;
@@ -240,6 +286,7 @@ class Sfo:
     def check(self):
         _choice(self.timesteps, self.TIMESTEP_CHOICES, "sfo.timesteps")
         _choice(self.pairs, self.PAIRS_CHOICES, "sfo.pairs")
+        _choice(self.optimizer, Sft.OPTIMIZERS, "sfo.optimizer")
         for k in ("steps", "pairs_per_step", "log_every"):
             _require(getattr(self, k) >= 1, f"sfo.{k}", "must be >= 1")
         _require(self.lora_rank >= 1, "sfo.lora_rank", f"must be >= 1, got {self.lora_rank}")
