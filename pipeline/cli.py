@@ -71,26 +71,27 @@ def generate(args) -> list[Path]:
     if args.size is not None and args.size < 1:
         raise ConfigError("--size must be >= 1")
     model = load_trained(args.model, args.base)
-    ref = load_reference(args.ref, model.image_size)
-    unknown = sorted({w for w in args.prompt.lower().split() if w not in model.text.tokenizer.get_vocab()})
+    ref = load_reference(args.ref, model.pixel_size)
+    vocab = model.text.tokenizer.get_vocab() if model.cfg.backbone == "embedded" else None   # a closed world
+    unknown = sorted({w for w in args.prompt.lower().split() if w not in vocab}) if vocab else []
     if unknown:
         print(f"sfo generate: note: words outside the model's vocabulary are read as unknown: {unknown}",
               file=sys.stderr)
     guidance, why = (args.guidance, "from --guidance") if args.guidance is not None else default_guidance()
     seeds = [args.seed + k for k in range(args.num_images)]
     refs = torch.from_numpy(manifest.to_float(np.repeat(ref[None], len(seeds), 0)))
-    noise = seeded_noise(seeds, (3, model.image_size, model.image_size))
+    noise = seeded_noise(seeds, model.noise_shape)
     images = manifest.to_uint8(model.sample(refs, [args.prompt] * len(seeds), noise, args.steps, guidance))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
                                            for k in range(len(seeds))]
-    size = args.size or model.image_size
+    size = args.size or model.pixel_size
     for img, path in zip(images, paths):
         Image.fromarray(img).resize((size, size), Image.BICUBIC).save(path)
     print(f"sfo generate: {len(paths)} image(s) from {args.model}, seeds {seeds}, {args.steps} steps, "
-          f"guidance {guidance:g} ({why}), {model.image_size} px"
-          + (f" resized to {size} px" if size != model.image_size else "") + ": " + ", ".join(map(str, paths)))
+          f"guidance {guidance:g} ({why}), {model.pixel_size} px"
+          + (f" resized to {size} px" if size != model.pixel_size else "") + ": " + ", ".join(map(str, paths)))
     return paths
 
 

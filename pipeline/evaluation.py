@@ -12,7 +12,7 @@ import torch
 from . import checkpoint, config, manifest, stage, world
 from .model import SubjectFlux, seeded_noise
 
-MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
+MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")   # the pretrained judges: first three
 GUIDANCE_FILE = "reports/guidance.json"
 SEED_TAG, GUIDANCE_SEED_TAG = 2, 3   # noise streams apart from each other and from CDNS's (tag 1)
 
@@ -27,7 +27,28 @@ def bench_arrays(table, path: str) -> dict:
             "truth": manifest.decode_column(table, "target_png", path),
             "masks": manifest.decode_column(table, "mask_png", path),
             "prompts": table.column("prompt").to_pylist(),
-            "labels": {k: table.column(k).to_numpy() for k in world.ATTRS}}
+            "labels": {k: table.column(k).to_numpy() for k in world.ATTRS},
+            "subjects": table.column("subject_id").to_numpy()}
+
+
+def subject_references(judges, path: str, subjects: np.ndarray) -> tuple[dict | None, str | None]:
+    """For judges that compare an image with its subject's reference photos (the pretrained ones): each
+    subject's photos, in manifest order, from `<path>_refs` (data/bench_refs: TRIPLET_SCHEMA rows, one per photo
+    in `ref_png`, `subject_id` as in `path`), and what they are, for the protocol. (None, None) for the embedded
+    judges; (None, why) without that manifest: each image is then compared with its own row's reference."""
+    if not judges.uses_subject_refs:
+        return None, None
+    refs_path = Path(f"{path}_refs")
+    if not refs_path.exists():
+        stage.log.warning("%s: missing; each generated image is compared with its own row's reference only",
+                          refs_path)
+        return None, f"each image's own {path} row reference ({refs_path} missing)"
+    table = manifest.read(refs_path)
+    photos, ids = manifest.decode_column(table, "ref_png", str(refs_path)), table.column("subject_id").to_numpy()
+    refs = {int(s): photos[ids == s] for s in np.unique(subjects)}
+    if missing := [s for s, p in refs.items() if not len(p)]:
+        raise config.ConfigError(f"{refs_path}: no reference photo of subject_id {missing[:5]} of {path}")
+    return refs, f"{refs_path}: {sum(map(len, refs.values()))} photos of {len(refs)} subjects"
 
 
 def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
@@ -44,7 +65,7 @@ def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: li
                 out.append(batch)
                 continue
             stage.log.warning("%s: %s does not match its batch; regenerating it", desc, path)
-        noise = seeded_noise(seeds[sl], (3, *refs.shape[1:3]))
+        noise = seeded_noise(seeds[sl], model.noise_shape)
         x = model.sample(torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl], noise, sampler.steps,
                          guidance, sampler.shift)
         out.append(manifest.to_uint8(x))
@@ -58,21 +79,26 @@ def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: li
 
 
 def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: int, sampler: config.Sampler,
-                       guidance: float, desc: str, tag: int = SEED_TAG, work=None
+                       guidance: float, desc: str, tag: int = SEED_TAG, work=None, subject_refs: dict | None = None
                        ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Generate every row `seeds_per_row` times and score each image; returns (row index per image, images,
-    per-image scores)."""
+    """Generate every row `seeds_per_row` times and score each image (against `subject_refs`, see
+    `subject_references`, where given); returns (row index per image, images, per-image scores)."""
     rows = np.repeat(np.arange(len(b["prompts"])), seeds_per_row)
     seeds = [sample_seed(base_seed, r, k, tag) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
     prompts = [b["prompts"][r] for r in rows]
     samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc, work)
     scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},
-                          b["truth"][rows], b["masks"][rows])
+                          b["truth"][rows], b["masks"][rows], subject_refs=subject_refs, subjects=b["subjects"][rows])
     return rows, samples, {**scores, "seed": np.array(seeds)}
 
 
+def measures(scores: dict) -> list[str]:
+    """The MEASURES these scores have: all six from the embedded judges, dino/clip_i/clip_t at real scale."""
+    return [m for m in MEASURES if m in scores]
+
+
 def summarize(scores: dict[str, np.ndarray]) -> dict:
-    out = {k: float(np.mean(scores[k])) for k in MEASURES}
+    out = {k: float(np.mean(scores[k])) for k in measures(scores)}
     out.update({k: float(np.mean(v)) for k, v in scores.items() if k.startswith("acc_")})
     return out
 

@@ -81,10 +81,11 @@ def sfo_loss(err_pos: torch.Tensor, err_neg: torch.Tensor, ref_err_pos: torch.Te
 # Sampler
 # ---------------------------------------------------------------------------------------------------------
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0. `velocity` takes t as a (B,) tensor."""
+                 steps: int, shift: float = 1.0, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise) to t = 0. `velocity` takes t as a (B,) tensor.
+    `grid` (steps + 1 times from 1 to 0) replaces `time_grid(steps, shift)` (FLUX's scheduler sigmas)."""
     x = noise
-    ts = time_grid(steps, shift).to(noise.device)
+    ts = (time_grid(steps, shift) if grid is None else grid).to(noise.device)
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t.expand(x.shape[0]))
         x = x + (t_next - t) * v

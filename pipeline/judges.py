@@ -11,6 +11,7 @@
 Pinned protocol choices (written into every metrics file by `PROTOCOL`): images enter every judge at the
 world's resolution as float in [-1, 1] (no resizing, no ImageNet/CLIP normalisation); each generated image is
 compared with the reference of its own bench row; cosine similarities are reported on the x1 scale.
+At real scale (`judges.source: pretrained`) `Judges.load` returns pipeline/pretrained_judges.py's judges instead.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, ViTConfig, ViTModel
 
-from . import world
+from . import pretrained_judges, world
 from .config import ConfigError
 from .text import build_tokenizer, tokenize
 
@@ -112,6 +113,19 @@ def clip_text_embed(clip: CLIPModel, tokenizer, texts: list[str]) -> torch.Tenso
     return clip.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).pooler_output
 
 
+def load_dino(directory: str | Path, device: torch.device):
+    """The DINO judge of `models/judges` alone, as a function: uint8 images (N, H, W, 3) -> CLS embeddings
+    (for `cdns`' judge_dpo pairs), embedded or pretrained as the directory holds."""
+    directory = Path(directory)
+    if (directory / pretrained_judges.META).exists():
+        dino, processor = pretrained_judges.load_dino(directory / "dino", device)
+        return lambda images: pretrained_judges.dino_embed(dino, processor, images)
+    if not (directory / "dino").is_dir():
+        raise ConfigError(f"{directory / 'dino'}: DINO judge missing; run `dvc repro judges`")
+    dino = ViTModel.from_pretrained(directory / "dino").eval().to(device)
+    return lambda images: dino_embed(dino, to_pixels(images).to(device))
+
+
 def caption_tokenizer():
     return build_tokenizer(world.vocabulary(), CAPTION_LEN)
 
@@ -128,13 +142,19 @@ def read_attributes(reader: AttributeReader, images: np.ndarray, batch_size: int
 # ---------------------------------------------------------------------------------------------------------
 class Judges:
     """All three judges, loaded from `models/judges`; `score` gives per-image measures."""
+    uses_subject_refs = False     # each image is compared with its own row's reference, as always
+    protocol = PROTOCOL
 
     def __init__(self, dino: ViTModel, clip: CLIPModel, tokenizer, reader: AttributeReader):
         self.dino, self.clip, self.tokenizer, self.reader = dino.eval(), clip.eval(), tokenizer, reader.eval()
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Judges":
+    def load(cls, directory: str | Path):
+        """The judges `models/judges` holds: the pretrained ones where the `judges` stage wrote their
+        judges.json (real scale), else the embedded ones."""
         directory = Path(directory)
+        if (directory / pretrained_judges.META).exists():
+            return pretrained_judges.PretrainedJudges.load(directory)
         for sub in ("dino", "clip", "reader"):
             if not (directory / sub).is_dir():
                 raise ConfigError(f"{directory / sub}: judge missing; run `dvc repro judges`")
@@ -155,9 +175,10 @@ class Judges:
     @torch.no_grad()
     def score(self, generated: np.ndarray, references: np.ndarray, prompts: list[str],
               labels: dict[str, np.ndarray], truth: np.ndarray, masks: np.ndarray,
-              batch_size: int = 256) -> dict[str, np.ndarray]:
+              batch_size: int = 256, subject_refs=None, subjects=None) -> dict[str, np.ndarray]:
         """Per-image measures of generated images (N, H, W, 3) uint8 against their rows' references,
-        prompts, attribute labels, ground-truth renders and subject masks (N, H, W)."""
+        prompts, attribute labels, ground-truth renders and subject masks (N, H, W). `subject_refs` and
+        `subjects` (the pretrained judges' subject pairing) are ignored: the embedded numbers stay as they were."""
         out = {k: [] for k in ("dino", "clip_i", "clip_t")}
         for i in range(0, len(generated), batch_size):
             g, r = to_pixels(generated[i:i + batch_size]), to_pixels(references[i:i + batch_size])

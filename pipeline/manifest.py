@@ -39,6 +39,7 @@ SAMPLE_SCHEMA = pa.schema([("id", pa.string()), ("row_id", pa.string()), ("k", p
                            ("png", pa.binary())])
 
 assert set(ATTRS) <= set(TRIPLET_SCHEMA.names)
+UNKNOWN = -1   # an attribute column's value in real-scale rows (Subjects200K, DreamBench): the world's labels only
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,10 +149,10 @@ def check_rows(table: pa.Table, source: str):
     for k, values in ATTRS.items():
         if k in table.column_names:
             col = np.asarray(table.column(k).to_numpy(zero_copy_only=False))
-            bad = np.flatnonzero((col < 0) | (col >= len(values)))
+            bad = np.flatnonzero((col < UNKNOWN) | (col >= len(values)))
             if bad.size:
                 raise ConfigError(f"{source}: row id={ids[bad[0]]!r} has {k}={col[bad[0]]}, "
-                                  f"outside 0..{len(values) - 1}")
+                                  f"outside 0..{len(values) - 1} (or {UNKNOWN}: unknown, real-scale data)")
 
 
 def triplets_of(negatives: pa.Table, triplets: pa.Table, negatives_source: str, triplets_source: str) -> pa.Table:

@@ -59,20 +59,25 @@ def _modulated_residual(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, n
     return x + gate_mlp[:, None] * ff(norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
 
 
-def _double_block(block, txt, branches, tembs, temb_txt, rope):
-    """FluxTransformerBlock over text + image-side branches, each branch modulated by its own temb."""
+def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
+    """FluxTransformerBlock over text + image-side branches, each branch modulated by its own temb. `route`
+    (a `Route`, backbone flux) tells the routed LoRA which branch the per-branch MLP is reading."""
     mods = [block.norm1(x, emb=e) for x, e in zip(branches, tembs)]   # (normed, gate_msa, shift, scale, gate_mlp)
     txt_mod = block.norm1_context(txt, emb=temb_txt)
     img_attn, txt_attn = block.attn(hidden_states=torch.cat([m[0] for m in mods], 1),
                                     encoder_hidden_states=txt_mod[0], image_rotary_emb=rope)
     sizes = [x.shape[1] for x in branches]
-    branches = [_modulated_residual(x, a, *m[1:], block.norm2, block.ff)
-                for x, a, m in zip(branches, img_attn.split(sizes, 1), mods)]
+    out = []
+    for i, (x, a, m) in enumerate(zip(branches, img_attn.split(sizes, 1), mods)):
+        if route is not None:
+            route.branch(i, x.shape[1])
+        out.append(_modulated_residual(x, a, *m[1:], block.norm2, block.ff))
+    branches = out
     txt = _modulated_residual(txt, txt_attn, *txt_mod[1:], block.norm2_context, block.ff_context)
     return txt, branches
 
 
-def _single_block(block, txt, branches, tembs, temb_txt, rope):
+def _single_block(block, txt, branches, tembs, temb_txt, rope, route=None):
     """FluxSingleTransformerBlock (parallel attention + MLP) with one modulation per branch."""
     seqs, embs = [txt, *branches], [temb_txt, *tembs]
     normed, gates = zip(*(block.norm(x, emb=e) for x, e in zip(seqs, embs)))
@@ -81,6 +86,56 @@ def _single_block(block, txt, branches, tembs, temb_txt, rope):
                                     block.act_mlp(block.proj_mlp(h))], 2))
     outs = [x + g[:, None] * o for x, g, o in zip(seqs, gates, out.split([x.shape[1] for x in seqs], 1))]
     return outs[0], outs[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OminiControl's LoRA routing: an adapter that acts on the condition tokens only
+# ---------------------------------------------------------------------------------------------------------
+class Route:
+    """Per-token masks of the condition branch, by sequence length, set by `SubjectFlux.forward` for each call:
+    the image side of a double block's attention is [noisy | condition] (2N tokens), a single block's sequence is
+    [text | noisy | condition] (L + 2N), and a double block's MLP reads one branch at a time (N, set per branch by
+    `_double_block`). A sequence with no entry (text, the final projection) gets no routed LoRA at all."""
+
+    def __init__(self):
+        self.masks: dict[int, torch.Tensor] = {}
+        self.cond_index: int | None = None
+
+    def set(self, txt_len: int, sizes: list[int], has_cond: bool):
+        self.masks, self.cond_index = {}, (len(sizes) - 1 if has_cond else None)
+        if has_cond:
+            flags = [torch.full((n,), float(i == self.cond_index)) for i, n in enumerate(sizes)]
+            image = torch.cat(flags)
+            self.masks[len(image)] = image[None, :, None]
+            self.masks[txt_len + len(image)] = torch.cat([torch.zeros(txt_len), image])[None, :, None]
+
+    def branch(self, index: int, n: int):
+        self.masks[n] = torch.full((1, n, 1), float(index == self.cond_index))
+
+
+class RoutedInput(torch.nn.Module):
+    """Installed as a LoRA's dropout (identity at p = 0, which peft applies to the adapter's input only): zeroes
+    the input rows of every token outside the condition branch, so B A (m x) = m (B A x) adds the adapter's
+    update to the condition tokens alone. Holds no weights: the saved LoRA is a plain diffusers LoRA."""
+
+    def __init__(self, route: Route):
+        super().__init__()
+        self.route = route
+
+    def forward(self, x):
+        m = self.route.masks.get(x.shape[-2])
+        return x * m.to(x.device, x.dtype) if m is not None else torch.zeros_like(x)
+
+
+class PixelCodec(torch.nn.Module):
+    """The embedded world's "VAE": the image itself (3 channels, no downsampling)."""
+    factor, channels = 1, 3
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,11 +158,16 @@ class Conditioning:
 
 
 class SubjectFlux(torch.nn.Module):
-    """FluxTransformer2DModel + frozen text encoders + pixel-patch tokens + the subject branch."""
+    """FluxTransformer2DModel + frozen text encoders + image tokens + the subject branch.
+
+    Two backbones share everything but the components (`model.backbone`): `embedded` builds a small transformer
+    from params.yaml over pixel patches; `flux` loads FLUX.1-dev (pipeline/flux.py) over 2 x 2-packed VAE latents,
+    with the SFT LoRA routed to the condition tokens (OminiControl) and the scheduler's resolution shift."""
 
     guidance: float = 1.0   # the embedded guidance value of a guidance-distilled transformer (FLUX.1-dev)
 
-    def __init__(self, transformer: FluxTransformer2DModel, text: TextEncoder | None, cfg: Model, image_size: int):
+    def __init__(self, transformer: FluxTransformer2DModel, text, cfg: Model, image_size: int, codec=None,
+                 scheduler=None):
         """`image_size` is the side of what `tokens` patchifies: pixels here, VAE latents at real scale.
         `text` may be None when every caller brings its own prompt embeddings (the GPU benchmark)."""
         super().__init__()
@@ -115,14 +175,29 @@ class SubjectFlux(torch.nn.Module):
             raise ConfigError(f"params.yaml: model.patch_size={cfg.patch_size} does not divide the image size "
                               f"{image_size}")
         self.transformer, self.text, self.cfg, self.image_size = transformer, text, cfg, image_size
+        self.codec, self.scheduler = codec if codec is not None else PixelCodec(), scheduler
+        self.route: Route | None = None
         g = image_size // cfg.patch_size
         self.register_buffer("img_ids", position_ids(g, g), persistent=False)
         self.register_buffer("cond_ids", position_ids(g, g, tuple(cfg.position_delta)), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(cfg.max_text_len, 3), persistent=False)
 
+    @property
+    def pixel_size(self) -> int:
+        return self.image_size * self.codec.factor
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """The shape of one sample's starting noise (latent channels, side, side)."""
+        return (self.codec.channels, self.image_size, self.image_size)
+
     # --- construction and persistence -------------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Model, image_size: int, words: list[str], seed: int) -> "SubjectFlux":
+        """A new model for images of `image_size` pixels: the embedded backbone from scratch, or FLUX.1-dev
+        (`cfg.pretrained`) for `backbone: flux`."""
+        if cfg.backbone == "flux":
+            return cls.from_flux(cfg, image_size)
         text = TextEncoder.build(words, cfg.max_text_len, cfg.text_dim, cfg.pooled_dim, cfg.text_seed)
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
@@ -132,12 +207,33 @@ class SubjectFlux(torch.nn.Module):
             pooled_projection_dim=cfg.pooled_dim, guidance_embeds=False, axes_dims_rope=tuple(cfg.axes_dims_rope))
         return cls(transformer, text, cfg, image_size)
 
+    @classmethod
+    def from_flux(cls, cfg: Model, pixels: int) -> "SubjectFlux":
+        """FLUX.1-dev's components (or any FluxPipeline folder) for `pixels`-px images; bf16 on CUDA."""
+        from . import flux
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        parts = flux.load(cfg.pretrained, dtype)
+        codec, tr = flux.VaeCodec(parts["vae"]), parts["transformer"]
+        if cfg.patch_size != 2 or tr.config.in_channels != 4 * codec.channels:
+            raise ConfigError(f"params.yaml: model.patch_size must be 2 for backbone flux (2 x 2 latent packing, "
+                              f"{codec.channels} latent channels, transformer in_channels {tr.config.in_channels})")
+        if pixels % (2 * codec.factor):
+            raise ConfigError(f"image size {pixels} px: must be a multiple of {2 * codec.factor} for backbone flux")
+        text = flux.FluxText(parts["text_encoder"], parts["tokenizer"], parts["text_encoder_2"],
+                             parts["tokenizer_2"], cfg.max_text_len)
+        return cls(tr, text, cfg, pixels // codec.factor, codec, parts["scheduler"])
+
     def save_pretrained(self, directory: str | Path):
+        """Embedded: the whole model. Flux: the SFT LoRA only (FLUX.1-dev itself is loaded from
+        `model.pretrained`), in the layout `FluxPipeline.load_lora_weights` reads."""
         directory = Path(directory)
-        self.transformer.save_pretrained(directory / "transformer")
-        self.text.save_pretrained(directory)
-        (directory / "subject_flux.json").write_text(json.dumps(
-            {"image_size": self.image_size, "model": self.cfg.__dict__}, indent=2))
+        meta = {"image_size": self.image_size, "pixel_size": self.pixel_size, "model": self.cfg.__dict__}
+        if self.cfg.backbone == "flux":
+            save_lora(self, directory, SFT_ADAPTER)
+        else:
+            self.transformer.save_pretrained(directory / "transformer")
+            self.text.save_pretrained(directory)
+        (directory / "subject_flux.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "SubjectFlux":
@@ -147,20 +243,30 @@ class SubjectFlux(torch.nn.Module):
             raise ConfigError(f"{directory}: not a SubjectFlux model directory (no subject_flux.json); "
                               f"train one with `dvc repro sft`")
         meta = json.loads(meta_file.read_text())
+        cfg = Model(**meta["model"])
+        if cfg.backbone == "flux":
+            model = cls.from_flux(cfg, meta["pixel_size"])
+            add_lora(model, SFT_ADAPTER, 1, 1.0, routed=True, weights=directory)
+            return model
         transformer = FluxTransformer2DModel.from_pretrained(directory / "transformer")
-        return cls(transformer, TextEncoder.from_pretrained(directory), Model(**meta["model"]), meta["image_size"])
+        return cls(transformer, TextEncoder.from_pretrained(directory), cfg, meta["image_size"])
 
     # --- tokens ------------------------------------------------------------------------------------------
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return patchify(images, self.cfg.patch_size)
+        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, N, D): pixel patches, or packed VAE latents."""
+        return patchify(self.codec.encode(images), self.cfg.patch_size)
 
     def images(self, tokens: torch.Tensor) -> torch.Tensor:
-        return unpatchify(tokens, self.cfg.patch_size, self.image_size, self.image_size)
+        return self.codec.decode(unpatchify(tokens, self.cfg.patch_size, self.image_size, self.image_size))
 
     def condition(self, refs: torch.Tensor, prompts: list[str]) -> Conditioning:
         """Reference images (B, 3, H, W) in [-1, 1] and prompts -> the cached conditioning of a batch."""
+        return self.condition_tokens(self.tokens(refs), prompts)
+
+    def condition_tokens(self, cond: torch.Tensor, prompts: list[str]) -> Conditioning:
+        """The conditioning from reference tokens computed once (`tokens`) and prompts (cached per prompt)."""
         txt, pooled = self.text.encode(prompts)
-        return Conditioning(self.tokens(refs), txt, pooled)
+        return Conditioning(cond, txt.to(cond.device), pooled.to(cond.device))
 
     # --- the forward ---------------------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
@@ -173,9 +279,11 @@ class SubjectFlux(torch.nn.Module):
             branches.append(tr.x_embedder(c.cond))
             tembs.append(self._temb(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))      # clean: t = 0
             ids.append(self.cond_ids)
+        if self.route is not None:
+            self.route.set(txt.shape[1], [b.shape[1] for b in branches], c.cond is not None)
         rope = tr.pos_embed(torch.cat(ids))
         for block in tr.transformer_blocks:
-            txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope)
+            txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope, self.route)
         for block in tr.single_transformer_blocks:
             txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope)
         return tr.proj_out(tr.norm_out(branches[0], temb))
@@ -193,12 +301,27 @@ class SubjectFlux(torch.nn.Module):
         return fn(*args)
 
     # --- sampling ------------------------------------------------------------------------------------------
+    def time_grid(self, steps: int, shift: float) -> torch.Tensor:
+        """Euler times from 1 to 0: `sampler.shift` (embedded), or FLUX's scheduler with its resolution shift."""
+        if self.scheduler is not None:
+            from .flux import flux_time_grid
+            return flux_time_grid(self.scheduler, steps, (self.image_size // self.cfg.patch_size) ** 2)
+        return flow.time_grid(steps, shift)
+
     @torch.no_grad()
     def sample(self, refs: torch.Tensor, prompts: list[str], noise: torch.Tensor, steps: int,
                guidance: float = 1.0, shift: float = 1.0) -> torch.Tensor:
-        """Euler sampling; returns images (B, 3, H, W) in [-1, 1]. CFG drops the text, keeps the reference."""
+        """Euler sampling from `noise` (B, *noise_shape); returns images (B, 3, H, W) in [-1, 1]. A guidance-
+        distilled transformer (FLUX.1-dev) takes `guidance` as its embedded guidance; otherwise CFG drops the
+        text and keeps the reference."""
         c = self.condition(refs, prompts)
-        if guidance != 1.0:
+        grid = self.time_grid(steps, shift).to(noise.device)
+        if self.transformer.config.guidance_embeds:
+            self.guidance = guidance
+
+            def velocity(x, t):
+                return self(x, t, c)
+        elif guidance != 1.0:
             c_all = Conditioning.cat([c, self.condition(refs, [""] * len(prompts))])
 
             def velocity(x, t):
@@ -207,7 +330,8 @@ class SubjectFlux(torch.nn.Module):
         else:
             def velocity(x, t):
                 return self(x, t, c)
-        return self.images(flow.euler_sample(velocity, self.tokens(noise), steps, shift)).clamp(-1, 1)
+        x = flow.euler_sample(velocity, patchify(noise, self.cfg.patch_size), steps, shift, grid)
+        return self.images(x).clamp(-1, 1)
 
 
 def speed_options(model: SubjectFlux, compile: bool, bf16: bool) -> SubjectFlux:
@@ -262,25 +386,71 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+SFT_ADAPTER = "sft"   # backbone flux: the OminiControl LoRA, the whole of the SFT base's training
+# The layers that read condition tokens (image side of double blocks, all of single blocks); text-only layers
+# and the final projection never see them, so the routed SFT LoRA has nothing to do there.
+SFT_TARGETS = (r".*(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+               r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
 
 
-def add_lora(model: SubjectFlux, name: str, rank: int, alpha: float) -> list[torch.nn.Parameter]:
-    """Freeze the model, add a trainable LoRA `name` on every linear layer of the transformer, and return
-    exactly the adapter's parameters (the only ones an optimizer may see)."""
+def add_lora(model: SubjectFlux, name: str, rank: int, alpha: float, routed: bool = False,
+             weights: str | Path | None = None) -> list[torch.nn.Parameter]:
+    """Freeze the model, add a trainable LoRA `name` and return exactly its parameters (the only ones an
+    optimizer may see); adapters added before stay active and frozen (the SFO LoRA sits on the SFT LoRA).
+    `routed`: OminiControl's SFT LoRA, on `SFT_TARGETS`, acting on the condition tokens only (`RoutedInput`).
+    `weights`: load the adapter from a saved LoRA (a folder with LORA_FILE, a .safetensors file, or a hub id
+    `owner/name[:file]`) instead of a fresh one; its rank and alpha then come from the file."""
     from peft import LoraConfig
     model.requires_grad_(False)
-    model.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)),
-                                  adapter_name=name)
-    model.transformer.set_adapter(name)
-    params = [p for n, p in model.transformer.named_parameters() if f".{name}." in n]
+    tr = model.transformer
+    if weights is not None:
+        _load_adapter(tr, weights, name)
+    else:
+        tr.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=SFT_TARGETS if routed else
+                                  list(LORA_TARGETS)), adapter_name=name)
+    if routed:
+        model.route = model.route or Route()
+        for module in tr.modules():
+            if hasattr(module, "lora_dropout") and name in module.lora_dropout:
+                module.lora_dropout[name] = RoutedInput(model.route)
+    tr.set_adapters(list(tr.peft_config))
+    params = [p for n, p in tr.named_parameters() if f".{name}." in n]
     for n, p in model.named_parameters():
         p.requires_grad_(f".{name}." in n)
     return params
 
 
+def _load_adapter(tr, weights: str | Path, name: str):
+    """A saved diffusers/peft LoRA into adapter `name`, with a ConfigError that names the source."""
+    w = str(weights)
+    kw = {}
+    if Path(w).is_dir():
+        w = str(Path(w) / LORA_FILE)
+    elif not Path(w).exists():
+        from . import hub
+        repo, _, file = w.partition(":")
+        hub.check(repo, "sft.init_lora")
+        w, kw = repo, ({"weight_name": file} if file else {})
+    if Path(w).suffix == ".safetensors" and not Path(w).exists():
+        raise ConfigError(f"{w}: no LoRA adapter here; run `dvc repro sft` (or `sfo`)")
+    try:
+        tr.load_lora_adapter(w, adapter_name=name, prefix="transformer", **kw)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"{weights}: the LoRA does not fit this transformer ({type(e).__name__}: "
+                          f"{str(e)[:300]})") from None
+
+
+def reference_of(model: SubjectFlux):
+    """The SFO reference as a context: the SFT base, i.e. the SFT LoRA alone (flux) or no adapter (embedded)."""
+    if SFT_ADAPTER in getattr(model.transformer, "peft_config", {}):
+        return adapters_active(model, [SFT_ADAPTER])
+    return adapters_disabled(model)
+
+
 def save_lora(model: SubjectFlux, directory: str | Path, name: str):
     """The adapter as safetensors with keys prefixed `transformer.` (the layout diffusers' LoRA loaders read)
-    and its LoraConfig in the metadata, serialised deterministically: one metadata key only, because
+    and its LoraConfig in the metadata, keys prefixed likewise (without the prefix `FluxPipeline.load_lora_weights`
+    finds no config, and `load_lora_adapter` infers one with alpha = rank), serialised deterministically: one metadata key only, because
     safetensors writes the metadata map in a per-process random order."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft.utils import get_peft_model_state_dict
@@ -291,7 +461,8 @@ def save_lora(model: SubjectFlux, directory: str | Path, name: str):
     cfg = {k: (sorted(v) if isinstance(v, (set, list)) and k == "target_modules" else v)
            for k, v in model.transformer.peft_config[name].to_dict().items()}
     save_file({f"transformer.{k}": v.contiguous() for k, v in sorted(state.items())}, str(directory / LORA_FILE),
-              metadata={LORA_ADAPTER_METADATA_KEY: json.dumps(cfg, sort_keys=True, default=list)})
+              metadata={LORA_ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in cfg.items()},
+                                                              sort_keys=True, default=list)})
 
 
 def load_trained(model_dir: str | Path, base: str | Path | None = None) -> SubjectFlux:
@@ -310,18 +481,14 @@ def load_trained(model_dir: str | Path, base: str | Path | None = None) -> Subje
         raise ConfigError(f"{model_dir} holds an SFO adapter, and its base {base} is not a model directory; "
                           f"pass the SFT base it was trained on")
     model = SubjectFlux.from_pretrained(base)
-    try:
-        load_lora(model, model_dir, "sfo")
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{model_dir}: the adapter does not fit the base {base} ({type(e).__name__}: "
-                          f"{str(e)[:300]})") from None
+    load_lora(model, model_dir, "sfo")
     return model.eval()
 
 
 def load_lora(model: SubjectFlux, directory: str | Path, name: str):
+    """Add the saved adapter `name` on top of the model's adapters (all active, all frozen)."""
     path = Path(directory) / LORA_FILE
     if not path.exists():
         raise ConfigError(f"{path}: no LoRA adapter here; run `dvc repro sfo`")
-    model.transformer.load_lora_adapter(str(path), adapter_name=name, prefix="transformer")
-    model.transformer.set_adapter(name)
+    add_lora(model, name, 1, 1.0, weights=directory)
     model.requires_grad_(False)

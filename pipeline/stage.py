@@ -48,6 +48,17 @@ def set_threads(n: int | None = None):
     return n
 
 
+def optimizer(kind: str, params: list, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """`adamw` (torch), or `prodigy` (the paper's: the `prodigyopt` package, lr 1 = its learning-rate multiplier)."""
+    if kind == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer prodigy needs the prodigyopt package: pip install prodigyopt==1.1.2 (make setup installs it)") from None
+        return Prodigy(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -14,7 +14,9 @@ retried (`MAX_RETRIES`); a shard that fails with an error stops the stage with t
 error. The
 driver then joins the shards into `data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row
 per input triplet, writes `reports/cdns.json` and empties the work directory. `reports/cdns/attributes.csv`
-(a DVC plot) says, per attribute, how often the attribute reader reads x- differently from x+.
+(a DVC plot) says, per attribute, how often the attribute reader reads x- differently from x+ (the pretrained
+judges of real scale have no reader: the file then holds its header only). `judge_dpo` uses whichever DINO
+judge `models/judges` holds (judges.load_dino: embedded, or pretrained with its own preprocessing).
 
 A negative's noise and degradation randomness come from its own seed (`cdns.seed` and the row's index), so
 the output does not depend on the number of workers or on which worker took which shard.
@@ -27,10 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transformers import ViTModel
-
-from .. import checkpoint, config, degrade, evaluation, manifest, stage, world
-from ..judges import AttributeReader, dino_embed, read_attributes, to_pixels
+from .. import checkpoint, config, degrade, evaluation, manifest, pretrained_judges, stage, world
+from ..judges import AttributeReader, load_dino, read_attributes
 from ..model import SubjectFlux, seeded_noise
 
 DATA, MODEL, JUDGES = "data/train", "models/sft", "models/judges"
@@ -62,7 +62,7 @@ class NegativeWorker:
             if judges_dir is None or not (Path(judges_dir) / "dino").is_dir():
                 raise config.ConfigError(f"{judges_dir}/dino: sfo.pairs=judge_dpo needs the DINO judge; "
                                          f"run `dvc repro judges`")
-            self.dino = ViTModel.from_pretrained(Path(judges_dir) / "dino").eval().to(self.device)
+            self.dino = load_dino(judges_dir, self.device)   # uint8 images -> CLS embeddings
 
     def ready(self) -> bool:
         return True
@@ -75,7 +75,7 @@ class NegativeWorker:
         out, s = [], self.sampler
         for i in range(0, len(cond), s.batch_size):
             sl = slice(i, i + s.batch_size)
-            noise = seeded_noise(seeds[sl], (3, *cond.shape[1:3])).to(self.device)
+            noise = seeded_noise(seeds[sl], self.model.noise_shape).to(self.device)
             x = self.model.sample(torch.from_numpy(manifest.to_float(cond[sl])).to(self.device), prompts[sl],
                                   noise, s.steps, self.guidance, s.shift)
             out.extend(manifest.to_uint8(x))
@@ -83,7 +83,7 @@ class NegativeWorker:
 
     @torch.no_grad()
     def _dino_similarity(self, images: np.ndarray, refs: np.ndarray) -> np.ndarray:
-        a, b = (dino_embed(self.dino, to_pixels(x).to(self.device)) for x in (images, refs))
+        a, b = (self.dino(x) for x in (images, refs))
         return torch.nn.functional.cosine_similarity(a, b).cpu().numpy()
 
     def generate(self, shard: dict, cfg: config.Cdns, out_path: str) -> str:
@@ -237,8 +237,14 @@ def main():
         raise RuntimeError("cdns: the shards do not hold exactly one negative per input triplet, in order")
     checkpoint.fault_point("cdns:manifest")
     manifest.write_table_atomic(negatives, Path(OUT_DIR) / "manifest.parquet")
-    attributes, summary = attribute_report(negatives, table)
-    stage.write_csv(ATTRIBUTES, attributes)
+    if not (Path(JUDGES) / pretrained_judges.META).exists():
+        attributes, summary = attribute_report(negatives, table)
+        stage.write_csv(ATTRIBUTES, attributes)
+    else:   # the pretrained judges: no attribute reader
+        stage.log.info("cdns: the pretrained judges have no attribute reader; %s holds its header only", ATTRIBUTES)
+        summary = None
+        Path(ATTRIBUTES).parent.mkdir(parents=True, exist_ok=True)
+        Path(ATTRIBUTES).write_text("attribute,kind,neg_differs_from_pos,pos_acc,neg_acc\n")
     report = {"negatives": n, "shards": len(shards), "workers": cfg.workers, "pairs": pairs,
               "image": negatives.column("image_degradation")[0].as_py(), "text": negatives.column("text_degradation")[0].as_py(), "blur_radius": cfg.blur_radius, "noise_std": cfg.noise_std, "guidance": guidance,
               "sampler": sampler.__dict__, "attributes": summary}

@@ -6,6 +6,8 @@ with `bench.seeds` seeds: the same seeds, sampler settings and guidance for ever
 `reports/eval/<model>/metrics.json` (the six measures, per-attribute accuracies and the protocol),
 `scores.csv` (one row per image) and `grid.png` (reference | ground truth | samples, one row per subject), and
 the samples themselves to `data/eval/<model>/` (manifest.SAMPLE_SCHEMA, read by the `report` stage).
+With the pretrained judges (real scale) the measures are dino, clip_i and clip_t, each image scored against its
+subject's photos in `data/bench_refs` (evaluation.subject_references), and the protocol says which photos.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .. import checkpoint, config, evaluation, manifest, stage
-from ..judges import PROTOCOL, Judges
+from ..judges import Judges
 from ..model import SubjectFlux, load_trained
 
 BENCH, JUDGES, BASE = "data/bench", "models/judges", "models/sft"
@@ -53,19 +55,22 @@ def main():
         inputs, ignore=("evaluate.grid_subjects",)))
 
     k = bench_cfg.seeds
+    subject_refs, references = evaluation.subject_references(judges, BENCH, b["subjects"])
     rows, samples, scores = evaluation.generate_and_score(model, judges, b, k, cfg.seed, sampler, guidance,
-                                                          f"evaluate {name}", work=work)
+                                                          f"evaluate {name}", work=work, subject_refs=subject_refs)
+    protocol = judges.protocol if references is None else {**judges.protocol, "references": references}
+    ms = evaluation.measures(scores)
     out = Path("reports/eval") / name
     subject_ids = table.column("subject_id").to_pylist()
     metrics = {**evaluation.summarize(scores), "n_images": len(samples), "n_subjects": len(set(subject_ids)),
-               "seeds_per_prompt": k, "guidance": guidance, "sampler": sampler.__dict__, "protocol": PROTOCOL}
+               "seeds_per_prompt": k, "guidance": guidance, "sampler": sampler.__dict__, "protocol": protocol}
     stage.write_json(out / "metrics.json", metrics)
     ids = table.column("id").to_pylist()
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "seed", *evaluation.MEASURES])
+        w.writerow(["id", "seed", *ms])
         for i, r in enumerate(rows):
-            w.writerow([ids[r], scores["seed"][i], *(f"{scores[m][i]:.6g}" for m in evaluation.MEASURES)])
+            w.writerow([ids[r], scores["seed"][i], *(f"{scores[m][i]:.6g}" for m in ms)])
     manifest.write_shards([{"id": f"{ids[r]}/{j % k}", "row_id": ids[r], "k": j % k, "seed": int(scores["seed"][j]),
                             "png": manifest.encode_png(samples[j])} for j, r in enumerate(rows)],
                           Path("data/eval") / name, manifest.SAMPLE_SCHEMA, shard_rows=len(rows))
@@ -73,7 +78,7 @@ def main():
     save_grid(out / "grid.png", b["refs"], b["truth"], samples, first_row_of_subject[:cfg.grid_subjects], k)
     work.finish({"stage": f"evaluate {name}", "images": len(samples)})
     stage.log.info("evaluate %s (guidance %g): %s", name, guidance,
-                   {m: round(metrics[m], 4) for m in evaluation.MEASURES})
+                   {m: round(metrics[m], 4) for m in ms})
     return [out, Path("data/eval") / name]
 
 

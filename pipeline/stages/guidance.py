@@ -24,7 +24,7 @@ def main():
     for scale in cfg.scales:
         _, _, scores = evaluation.generate_and_score(model, judges, b, cfg.seeds, cfg.seed, sampler, scale,
                                                      f"guidance {scale:g}", tag=evaluation.GUIDANCE_SEED_TAG)
-        results[f"{scale:g}"] = {m: float(scores[m].mean()) for m in evaluation.MEASURES}
+        results[f"{scale:g}"] = {m: float(scores[m].mean()) for m in evaluation.measures(scores)}
         stage.log.info("guidance %g: %s", scale, {m: round(v, 4) for m, v in results[f"{scale:g}"].items()})
     chosen = max(cfg.scales, key=lambda s: results[f"{s:g}"]["dino"])
     stage.write_json(evaluation.GUIDANCE_FILE, {"chosen": chosen, "criterion": "max dino of the SFT base on data/val",

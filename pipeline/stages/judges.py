@@ -3,8 +3,16 @@
 Reads params `world` (image size, jitter) and `judges`. Writes `models/judges/{dino,clip,reader}` and
 `reports/judges.json` (their own quality on held-out renders: identity retrieval, text-to-image retrieval,
 per-attribute accuracy).
+
+With `judges.source: pretrained` (real scale) nothing is trained: the DINO and CLIP of `judges.dino` and
+`judges.clip` (hub ids or local folders, checked first) are saved with their processors and tokenizer to
+`models/judges/{dino,clip}`, so later stages load exactly these weights locally and DVC pins them, with
+`models/judges/judges.json` (pipeline/pretrained_judges.py's protocol: sources, preprocessing read back from the
+processors, reference pairing, embeddings). `reports/judges.json` holds the same protocol.
 """
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import torch
@@ -13,6 +21,7 @@ import torch.nn.functional as F
 from .. import config, stage, world
 from ..judges import (AttributeReader, Judges, build_clip, build_dino, caption_tokenizer, clip_image_embed,
                       clip_text_embed, dino_embed, to_pixels)
+from ..pretrained_judges import PretrainedJudges
 from ..text import tokenize
 
 OUT_DIR, REPORT = "models/judges", "reports/judges.json"
@@ -69,9 +78,22 @@ def fit(name: str, model: torch.nn.Module, loss_fn, steps: int, lr: float):
     return model.eval()
 
 
+def pretrained(j: config.Judges) -> list:
+    """Real scale: check, load and save the pretrained judges; no training, no quality report."""
+    judges = PretrainedJudges.fetch(j.dino, j.clip, j.reference_pairing)
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    judges.save(OUT_DIR)
+    stage.write_json(REPORT, judges.protocol)
+    stage.log.info("judges: pretrained DINO %s and CLIP %s saved to %s (pairing %s)", j.dino, j.clip, OUT_DIR,
+                   j.reference_pairing)
+    return [OUT_DIR, REPORT]
+
+
 def main():
     w, j = config.load("world", "judges")
     stage.set_threads()
+    if j.source == "pretrained":
+        return pretrained(j)
     stage.seed_everything(j.seed)
     rng = np.random.default_rng(j.seed)
     train, val = render_set(j.train_renders, w, rng), render_set(j.val_renders, w, rng)
@@ -117,6 +139,7 @@ def main():
     fit("clip", clip, clip_loss, j.clip_steps, j.lr / 2)
 
     judges = Judges(dino, clip, tokenizer, reader)
+    shutil.rmtree(OUT_DIR, ignore_errors=True)   # no judges.json of an earlier pretrained run may stay
     judges.save(OUT_DIR)
     report = evaluate_judges(judges, val)
     stage.log.info("judges: held-out quality %s", {k: round(v, 3) for k, v in report.items() if k != "n"})

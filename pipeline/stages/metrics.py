@@ -5,7 +5,8 @@ with the same judges (`oracle`: the ceiling of every measure on these judges). W
 (the SFT-additional control) and `oracle`, each with the six measures; the differences `sfo_minus_sft`,
 `control_minus_sft` and `sfo_minus_control`, each with its paired standard error (`..._sem`: all models sample
 the same rows with the same seeds, so the per-image differences are paired); the guidance scale every model
-was sampled with, and the protocol. No params.
+was sampled with, and the protocol (as `evaluate` wrote it). No params. With the pretrained judges (real scale)
+the measures are dino, clip_i and clip_t, the oracle's scored against `data/bench_refs` like the samples.
 """
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ import numpy as np
 
 from .. import evaluation, manifest, stage
 from ..config import ConfigError
-from ..judges import PROTOCOL, Judges
+from ..judges import Judges
 
 BENCH, JUDGES, REPORT = "data/bench", "models/judges", "reports/metrics.json"
 
 
 def per_image(name: str) -> dict[str, np.ndarray]:
     with open(Path("reports/eval") / name / "scores.csv") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
     return {"key": [(r["id"], r["seed"]) for r in rows],
-            **{m: np.array([float(r[m]) for r in rows]) for m in evaluation.MEASURES}}
+            **{m: np.array([float(r[m]) for r in rows]) for m in evaluation.measures(reader.fieldnames)}}
 
 
 MODELS = ("sft", "sfo", "control")
@@ -49,15 +51,18 @@ def main():
             raise ConfigError(f"{path}: missing; run `dvc repro evaluate@{name}`")
         evals[name] = json.loads(path.read_text())
     b = evaluation.bench_arrays(manifest.read(BENCH), BENCH)
-    oracle = evaluation.summarize(Judges.load(JUDGES).score(b["truth"], b["refs"], b["prompts"], b["labels"],
-                                                            b["truth"], b["masks"]))
-    ms = evaluation.MEASURES
+    judges = Judges.load(JUDGES)
+    subject_refs, _ = evaluation.subject_references(judges, BENCH, b["subjects"])
+    oracle = evaluation.summarize(judges.score(b["truth"], b["refs"], b["prompts"], b["labels"], b["truth"],
+                                               b["masks"], subject_refs=subject_refs, subjects=b["subjects"]))
+    ms = evaluation.measures(evals["sft"])
     scores = {n: per_image(n) for n in MODELS}
     report = {**{n: {m: e[m] for m in ms} for n, e in evals.items()}, "oracle": {m: oracle[m] for m in ms}}
     for b_, a_ in DIFFERENCES:
         report[f"{b_}_minus_{a_}"] = {m: evals[b_][m] - evals[a_][m] for m in ms}
         report[f"{b_}_minus_{a_}_sem"] = {m: paired_sem(scores[a_], scores[b_], m) for m in ms}
-    report.update({"guidance": evals["sft"]["guidance"], "n_images": evals["sft"]["n_images"], "protocol": PROTOCOL})
+    report.update({"guidance": evals["sft"]["guidance"], "n_images": evals["sft"]["n_images"],
+                   "protocol": evals["sft"]["protocol"]})
     stage.write_json(REPORT, report)
     for name in (*MODELS, "oracle"):
         stage.log.info("metrics %-7s %s", name, "  ".join(f"{m}={report[name][m]:.4f}" for m in ms))

@@ -1,17 +1,27 @@
 """Stage `prepare`: render the training triplets and the bench as Parquet manifests.
 
-Reads params `world`, `prepare`, `bench`. Writes `data/train/`, `data/bench/` and `data/val/` (shards of
-manifest.TRIPLET_SCHEMA). Bench subjects come from `bench.seed` and are drawn first, validation subjects (used
-only to choose the guidance scale) from `bench.val_seed`, excluding the bench's; training subjects are drawn
-from `world.seed` excluding both, so the three sets are disjoint.
+Reads params `world`, `prepare`, `bench`. Writes `data/train/`, `data/bench/`, `data/val/` and
+`data/bench_refs/` (shards of manifest.TRIPLET_SCHEMA). Bench subjects come from `bench.seed` and are drawn first,
+validation subjects (used only to choose the guidance scale) from `bench.val_seed`, excluding the bench's; training
+subjects are drawn from `world.seed` excluding both, so the three sets are disjoint.
+
+Real scale: `prepare.source: subjects200k` takes train and val from Subjects200K (pipeline/subjects200k.py, streamed
+to the shards), `bench.source: dreambench` takes the bench from DreamBench (pipeline/dreambench.py). data/bench_refs
+holds every reference image of every bench subject, one row each (the embedded world has one per subject, DreamBench
+4-6), for the measures that compare a sample with all references of its subject.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
 
-from .. import config, manifest, stage, world
+from .. import config, dreambench, manifest, stage, subjects200k, world
 
-TRAIN_DIR, BENCH_DIR, VAL_DIR = "data/train", "data/bench", "data/val"
+TRAIN_DIR, BENCH_DIR, VAL_DIR, BENCH_REFS_DIR = "data/train", "data/bench", "data/val", "data/bench_refs"
 
 
 def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world.Context, size: int,
@@ -54,16 +64,101 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
     return rows
 
 
+def full_mask(size: int) -> bytes:
+    """The mask of an image with no known subject mask: all of it."""
+    return manifest.encode_png(np.full((size, size), 255, np.uint8))
+
+
+def embedded_refs(bench: list[dict]) -> list[dict]:
+    """data/bench_refs of the embedded bench: each subject's one reference, from its first bench row (the
+    attribute columns are that row's; target = the reference, mask = the whole image)."""
+    refs = {}
+    for r in bench:
+        if r["subject_id"] not in refs:
+            key = r["id"].rsplit("-", 1)[0]   # bench-{subject:05d}
+            size = manifest.decode_png(r["ref_png"], r["id"]).shape[0]
+            refs[r["subject_id"]] = {**r, "id": f"{key}/ref0", "prompt": r["generic_prompt"],
+                                     "target_png": r["ref_png"], "mask_png": full_mask(size)}
+    return list(refs.values())
+
+
+def square_png(path: Path, size: int) -> bytes:
+    """A photo centre-cropped to a square and resized to `size` (bicubic), as PNG bytes."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:   # PIL raises several types for bad files
+        raise config.ConfigError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from None
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return manifest.encode_png(np.asarray(im))
+
+
+def dreambench_rows(p: config.Prepare, b: config.Bench) -> tuple[list[dict], list[dict]]:
+    """data/bench and data/bench_refs from DreamBench. Bench: one row per (subject, prompt), ref = the subject's
+    first photo; DreamBench has no ground truth, so target_png is the same photo and the mask the whole image."""
+    bench = dreambench.load(b.dreambench_root or None, b.seeds)
+    mask = full_mask(p.image_size)
+    rows, refs = [], []
+    for i, s in enumerate(stage.progress(bench.subjects, desc="prepare: dreambench")):
+        photos = [square_png(f, p.image_size) for f in s.images]
+        base = {"subject_id": i, **{k: subjects200k.UNKNOWN for k in subjects200k.ATTR_COLUMNS},
+                "generic_prompt": f"a photo of {s.name}", "mask_png": mask}
+        refs += [{**base, "id": f"dreambench/{s.dir}/ref{k}", "prompt": base["generic_prompt"], "ref_png": photo,
+                  "target_png": photo} for k, photo in enumerate(photos)]
+        rows += [{**base, "id": f"dreambench/{s.dir}/{j:02d}", "prompt": prompt, "ref_png": photos[0],
+                  "target_png": photos[0]} for j, prompt in enumerate(bench.prompts(s))]
+    return rows, refs
+
+
+def write_splits(items: Iterable[tuple[str, dict]], dirs: dict[str, str], shard_rows: int) -> dict[str, int]:
+    """`manifest.write_shards` for a stream of (split, row): a split's shard is written as soon as it has
+    `shard_rows` rows, so a real-scale source is never held in memory whole. Returns the rows per split."""
+    buf, shards, count = ({s: [] for s in dirs}, {s: 0 for s in dirs}, {s: 0 for s in dirs})
+
+    def flush(s):
+        manifest.write_table_atomic(pa.Table.from_pylist(buf[s], schema=manifest.TRIPLET_SCHEMA),
+                                    Path(dirs[s]) / f"shard-{shards[s]:05d}.parquet")
+        buf[s], shards[s] = [], shards[s] + 1
+
+    for s, row in items:
+        buf[s].append(row)
+        count[s] += 1
+        if len(buf[s]) == shard_rows:
+            flush(s)
+    for s in dirs:
+        if buf[s] or not shards[s]:   # like write_shards: at least one (maybe empty) shard
+            flush(s)
+    return count
+
+
 def main():
     w, p, b = config.load("world", "prepare", "bench")
-    bench, bench_keys = bench_rows(w, b)
-    val, val_keys = bench_rows(w, b, "val", exclude=bench_keys)
-    train = train_rows(w, p, bench_keys | val_keys)
-    for rows, path in ((train, TRAIN_DIR), (bench, BENCH_DIR), (val, VAL_DIR)):
+    if b.source == "dreambench":
+        bench, bench_refs = dreambench_rows(p, b)
+        bench_keys = set()
+    else:
+        bench, bench_keys = bench_rows(w, b)
+        bench_refs = embedded_refs(bench)
+    if p.source == "subjects200k":
+        n = write_splits(subjects200k.triplets(p), {"train": TRAIN_DIR, "val": VAL_DIR}, p.shard_rows)
+        n_train, n_val = n["train"], n["val"]
+        train_subjects, val_subjects = n_train, n_val   # one row per pair
+    else:
+        val, val_keys = bench_rows(w, b, "val", exclude=bench_keys)
+        train = train_rows(w, p, bench_keys | val_keys)
+        for rows, path in ((train, TRAIN_DIR), (val, VAL_DIR)):
+            manifest.write_shards(rows, path, manifest.TRIPLET_SCHEMA, p.shard_rows)
+        n_train, n_val, train_subjects, val_subjects = len(train), len(val), p.train_subjects, b.val_subjects
+    for rows, path in ((bench, BENCH_DIR), (bench_refs, BENCH_REFS_DIR)):
         manifest.write_shards(rows, path, manifest.TRIPLET_SCHEMA, p.shard_rows)
-    stage.log.info("prepare: %d train triplets (%d subjects), %d bench rows (%d subjects), %d validation rows "
-                   "(%d subjects)", len(train), p.train_subjects, len(bench), b.subjects, len(val), b.val_subjects)
-    return [TRAIN_DIR, BENCH_DIR, VAL_DIR]
+    stage.log.info("prepare: %d train triplets (%d subjects, %s), %d bench rows (%d subjects, %s, %d references), "
+                   "%d validation rows (%d subjects)", n_train, train_subjects, p.source, len(bench),
+                   len({r["subject_id"] for r in bench}), b.source, len(bench_refs), n_val, val_subjects)
+    return [TRAIN_DIR, BENCH_DIR, VAL_DIR, BENCH_REFS_DIR]
 
 
 if __name__ == "__main__":

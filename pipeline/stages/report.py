@@ -89,15 +89,15 @@ LABELS = dict(MODELS)
 
 
 def metrics_table(m: dict) -> str:
-    head = "".join(f"<th>{k}</th>" for k in evaluation.MEASURES)
+    ms = evaluation.measures(m["sft"])    # dino, clip_i, clip_t only with the pretrained judges
+    head = "".join(f"<th>{k}</th>" for k in ms)
     rows = []
     for name, label in (*MODELS, ("oracle", "ground truth (oracle)")):
-        rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{m[name][k]:.4f}</td>" for k in evaluation.MEASURES)
-                    + "</tr>")
+        rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{m[name][k]:.4f}</td>" for k in ms) + "</tr>")
     for b, a in (("sfo", "sft"), ("control", "sft"), ("sfo", "control")):
         d, sem = m[f"{b}_minus_{a}"], m[f"{b}_minus_{a}_sem"]
         rows.append(f"<tr><td>{LABELS[b]} − {LABELS[a]} (± paired SEM)</td>" + "".join(
-            f"<td>{d[k]:+.4f} ± {sem[k]:.4f}</td>" for k in evaluation.MEASURES) + "</tr>")
+            f"<td>{d[k]:+.4f} ± {sem[k]:.4f}</td>" for k in ms) + "</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -143,6 +143,8 @@ def quadruplets(train, negatives) -> str:
 
 
 def attribute_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>No attribute reader: the pretrained judges (real scale) have none.</p>"
     head = "<tr><th>attribute</th><th>kind</th><th>x− read differently from x+</th><th>x+ read correctly</th>" \
            "<th>x− read correctly</th></tr>"
     body = "".join(f"<tr><td>{r['attribute']}</td><td>{r['kind']}</td><td>{float(r['neg_differs_from_pos']):.3f}</td>"
@@ -157,7 +159,8 @@ def main():
     bench, train = manifest.read("data/bench"), manifest.read("data/train")
     negatives = manifest.read("data/negatives/manifest.parquet", manifest.NEGATIVE_SCHEMA)
     samples = {name: samples_by_key(f"data/eval/{name}") for name, _ in MODELS}
-    protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in ev["protocol"].items())
+    protocol = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v if isinstance(v, str) else json.dumps(v))}</li>"
+                       for k, v in ev["protocol"].items())
     # a curve whose columns a run did not log is left out (sfo.pairs=sft_additional logs no pair diagnostics)
     curves = "".join(svg_curve(t, rows, cols) for t, p, cols in CURVES
                      if (rows := read_csv(p)) and all(c in rows[0] for c in cols))

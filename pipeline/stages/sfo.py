@@ -30,8 +30,8 @@ import sys
 import numpy as np
 import torch
 
-from .. import checkpoint, config, flow, manifest, stage
-from ..model import Conditioning, SubjectFlux, adapters_disabled, add_lora, save_lora, speed_options
+from .. import checkpoint, config, distributed, flow, manifest, stage
+from ..model import Conditioning, SubjectFlux, add_lora, reference_of, save_lora, speed_options
 
 DATA, NEGATIVES, BASE = "data/train", "data/negatives/manifest.parquet", "models/sft"
 ADAPTER = "sfo"
@@ -41,25 +41,45 @@ OUTPUTS = {  # run -> (model directory, curve, work directory)
 T_BINS = 4
 
 
+def images(table, column: str, path: str) -> torch.Tensor:
+    """A PNG column as float images (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(manifest.to_float(manifest.decode_column(table, column, path)))
+
+
 def load_pairs():
     """Positives, negatives, references and prompts of every triplet that has a negative (the positive: the
     triplet's target, or the manifest's `pos_png` where it has one: judge DPO)."""
     negatives = manifest.read(NEGATIVES, manifest.NEGATIVE_SCHEMA)
     train = manifest.triplets_of(negatives, manifest.read(DATA), NEGATIVES, DATA)
-
-    def img(table, col, src):
-        return torch.from_numpy(manifest.to_float(manifest.decode_column(table, col, src)))
     pos = torch.from_numpy(manifest.to_float(manifest.positives(negatives, train, NEGATIVES, DATA)))
-    return pos, img(negatives, "neg_png", NEGATIVES), img(train, "ref_png", DATA), train.column("prompt").to_pylist()
+    return pos, images(negatives, "neg_png", NEGATIVES), images(train, "ref_png", DATA), \
+        train.column("prompt").to_pylist()
 
 
 def load_positives(n: int):
     """The SFT-additional data: targets, references and prompts of the first `n` training triplets (0: all)."""
     train = manifest.read(DATA)
     train = train.slice(0, train.num_rows if n == 0 else min(n, train.num_rows))
-    pos = torch.from_numpy(manifest.to_float(manifest.decode_column(train, "target_png", DATA)))
-    return pos, None, torch.from_numpy(manifest.to_float(manifest.decode_column(train, "ref_png", DATA))), \
-        train.column("prompt").to_pylist()
+    return images(train, "target_png", DATA), None, images(train, "ref_png", DATA), train.column("prompt").to_pylist()
+
+
+def encode_all(model: SubjectFlux, imgs: torch.Tensor | None, desc: str, batch: int = 64) -> torch.Tensor | None:
+    """Tokens of every image, computed once before training (at real scale: VAE latents, packed), on the CPU."""
+    if imgs is None:
+        return None
+    device = next(model.transformer.parameters()).device
+    chunks = [model.tokens(imgs[i:i + batch].to(device)).cpu()
+              for i in stage.progress(range(0, len(imgs), batch), desc=desc)]
+    return torch.cat(chunks)
+
+
+def fill_prompt_cache(model: SubjectFlux, prompts: list[str]):
+    """Encode every distinct prompt once: in batches of 64 at real scale (FLUX.1-dev's T5 cannot take thousands
+    at once), in one batch for the embedded encoders (the embeddings every earlier run was trained on)."""
+    unique = sorted(set(prompts))
+    batch = 64 if model.cfg.backbone == "flux" else max(1, len(unique))
+    for i in range(0, len(unique), batch):
+        model.text.encode(unique[i:i + batch])
 
 
 def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
@@ -68,24 +88,26 @@ def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
     return flow.logit_normal(n, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
 
 
-def reference_errors(model: SubjectFlux, x_t, t, c, x, eps, reference=adapters_disabled,
+def reference_errors(model: SubjectFlux, x_t, t, c, x, eps, reference=reference_of,
                      reference_model: SubjectFlux | None = None) -> torch.Tensor:
-    """The reference's per-sample errors, no grad: inside `reference(model)` (by default the SFO adapter switched
-    off), or a separate frozen `reference_model` (`sfo.direct`)."""
+    """The reference's per-sample errors, no grad: inside `reference(model)` (by default the SFT base: the SFO
+    adapter switched off, the SFT LoRA kept), or a separate frozen `reference_model` (`sfo.direct`)."""
     ref = reference_model if reference_model is not None else model
     with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference(model)):
         return flow.per_sample_error(ref(x_t, t, c), x, eps)
 
 
-def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss, **ref_kw):
+def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss, policy=None,
+             **ref_kw):
     """One SFO loss evaluation: the reference on [x+; x-] as one no-grad batch, then the policy likewise (the
-    reference first: the policy's pass reuses its transient memory). With `loss.sft_weight` > 0 the positives'
-    mean error is added (an SFT anchor; 0 is the paper's loss)."""
+    reference first: the policy's pass reuses its transient memory). `policy` is what computes the policy's
+    forward (the DDP-wrapped model under accelerate; the model itself by default). With `loss.sft_weight` > 0
+    the positives' mean error is added (an SFT anchor; 0 is the paper's loss)."""
     x = torch.cat([x_pos, x_neg])
     eps2, t2, c2 = torch.cat([eps, eps]), torch.cat([t, t]), Conditioning.cat([c, c])
     x_t = flow.interpolate(x, eps2, t2)
     ref_pos, ref_neg = reference_errors(model, x_t, t2, c2, x, eps2, **ref_kw).chunk(2)
-    err_pos, err_neg = flow.per_sample_error(model(x_t, t2, c2), x, eps2).chunk(2)
+    err_pos, err_neg = flow.per_sample_error((policy or model)(x_t, t2, c2), x, eps2).chunk(2)
     loss, stats = flow.sfo_loss(err_pos, err_neg, ref_pos, ref_neg, loss_cfg.beta)
     if loss_cfg.sft_weight:
         stats["sft_term"] = err_pos.mean().detach()
@@ -94,12 +116,12 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
     return loss, stats
 
 
-def sft_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, **ref_kw):
+def sft_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, policy=None, **ref_kw):
     """The SFT-additional control: the flow-matching error of the policy on the positives alone, with the
     reference's error on the same noisy inputs beside it (a diagnostic, no grad)."""
     x_t = flow.interpolate(x_pos, eps, t)
     ref_pos = reference_errors(model, x_t, t, c, x_pos, eps, **ref_kw)
-    err_pos = flow.per_sample_error(model(x_t, t, c), x_pos, eps)
+    err_pos = flow.per_sample_error((policy or model)(x_t, t, c), x_pos, eps)
     loss = err_pos.mean()
     return loss, {"loss": loss.detach(), "pair_loss": err_pos.detach(), "err_pos": loss.detach(),
                   "ref_err_pos": ref_pos.mean()}
@@ -138,6 +160,9 @@ def policy_and_reference(cfg: config.Sfo) -> tuple[SubjectFlux, SubjectFlux | No
     stage.seed_everything(cfg.seed)
     if not cfg.direct:
         return model, None, add_lora(model, ADAPTER, cfg.lora_rank, cfg.lora_alpha)
+    if model.cfg.backbone == "flux":
+        raise config.ConfigError("params.yaml: sfo.direct is implemented for the embedded backbone only (a frozen "
+                                 "copy of FLUX.1-dev as the reference would double the memory)")
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.requires_grad_(False)
     model.transformer.requires_grad_(True)
@@ -150,6 +175,8 @@ def main():
     run = "control" if parser.parse_args().control else "sfo"
     out_dir, curve, work_dir = OUTPUTS[run]
     cfg, loss_cfg, tcfg, cdns_cfg, sft_cfg = config.load("sfo", "loss", "train", "cdns", "sft")
+    distributed.relaunch_if_needed(tcfg.processes, "pipeline.stages.sfo")
+    par = distributed.Parallel()
     stage.set_threads()
     objective = "sft" if run == "control" or cfg.pairs == "sft_additional" else "sfo"
     if objective == "sft":    # the SFT loss, timestep distribution included, on the positives CDNS paired
@@ -160,13 +187,24 @@ def main():
     else:
         pos, neg, refs, prompts = load_pairs()
         fp_params, inputs = {"sfo": cfg, "loss": loss_cfg, "train": tcfg}, [DATA, NEGATIVES, BASE]
+    local = par.local(cfg.pairs_per_step)
     model, reference, params = policy_and_reference(cfg)
-    work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(
-        fp_params, inputs, ignore=("train.checkpoint_every",)))
-    cuda = torch.cuda.is_available()
+    if par.main:      # the work directory is the main process's; the others read its checkpoints
+        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every",)))
+    par.barrier()
+    if not par.main:
+        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every",)))
+    cuda = par.device.type == "cuda"
+    if reference is not None:
+        reference.to(par.device)
+    policy = par.wrap(model)
+    if cuda and model.cfg.gradient_checkpointing and model.cfg.backbone == "flux":
+        model.transformer.enable_gradient_checkpointing()
     speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    model.text.encode(sorted(set(prompts)))
+    opt = stage.optimizer(cfg.optimizer, params, cfg.lr)
+    pos, neg, refs = (encode_all(model, x, f"{run}: encode {k}") for k, x in (("positives", pos), ("negatives", neg),
+                                                                             ("references", refs)))
+    fill_prompt_cache(model, prompts)
     g = torch.Generator().manual_seed(cfg.seed)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
@@ -175,24 +213,28 @@ def main():
                    "all SFT weights" if cfg.direct else f"LoRA rank {cfg.lora_rank}", sum(p.numel() for p in params),
                    "SFT loss on the positives" if objective == "sft" else f"beta {loss_cfg.beta:g}", cfg.steps,
                    cfg.pairs_per_step, f", resumed from step {start}" if start else "")
-    stage.log.info("%s: compile %s, bf16 %s", run, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
+    stage.log.info("%s: %s, compile %s, bf16 %s, %d process(es)", run, par.device, tcfg.enabled("compile", cuda),
+                   tcfg.enabled("bf16", cuda), par.size)
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
-    bar = stage.progress(range(start, cfg.steps), desc=run, initial=start, total=cfg.steps)
+    bar = stage.progress(range(start, cfg.steps), desc=run, initial=start, total=cfg.steps,
+                         **({} if par.main else {"disable": True}))
     for step in bar:
-        idx = torch.randint(0, n, (cfg.pairs_per_step,), generator=g)
-        c = model.condition(refs[idx], [prompts[i] for i in idx.tolist()])
-        x_pos, x_neg = model.tokens(pos[idx]), (model.tokens(neg[idx]) if neg is not None else None)
-        eps = torch.randn(x_pos.shape, generator=g)
+        idx = torch.randint(0, n, (cfg.pairs_per_step,), generator=g)       # the global batch, same on every process
+        eps = torch.randn((cfg.pairs_per_step, *pos.shape[1:]), generator=g)
         t = sample_t(cfg, cfg.pairs_per_step, g)
+        mine = idx[local]
+        dev = par.device
+        c = model.condition_tokens(refs[mine].to(dev), [prompts[i] for i in mine.tolist()])
+        x_pos, x_neg = pos[mine].to(dev), (neg[mine].to(dev) if neg is not None else None)
         opt.zero_grad(set_to_none=True)
-        stats = sfo_backward(model, c, x_pos, x_neg, t, eps, loss_cfg, cfg.micro_batch, reference_model=reference,
-                             objective=objective)
+        stats = sfo_backward(model, c, x_pos, x_neg, t[local].to(dev), eps[local].to(dev), loss_cfg, cfg.micro_batch,
+                             reference_model=reference, objective=objective, policy=policy)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         checkpoint.fault_point("sfo:step")
         opt.step()
-        pair_loss = stats.pop("pair_loss")
-        window.append({k: v.item() for k, v in stats.items()})
+        pair_loss = par.gather(stats.pop("pair_loss")).cpu()
+        window.append({k: par.mean(v).item() for k, v in stats.items()})
         for b, v in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), pair_loss.tolist()):
             bins[b].append(v)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -201,9 +243,11 @@ def main():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('implicit_acc', float('nan')):.2f}")
             window, bins = [], [[] for _ in range(T_BINS)]
-        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps and par.main:
             work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, run)
     checkpoint.fault_point(f"{run}:save")
+    if not par.main:
+        return []
     last = rows[-1]
     stage.log.info("%s: final loss %.4f, %s", run, last["loss"],
                    f"error on positives {last['err_pos']:.4f} (reference {last['ref_err_pos']:.4f})" if objective == "sft"

@@ -2,7 +2,9 @@
 
 Reads params `model` and `sft`, and `data/train`. Writes `models/sft` (diffusers layout: transformer/,
 text_encoder/, text_encoder_2/, tokenizer/, subject_flux.json) and `reports/sft/train.csv` (loss curve).
-The embedded backbone is trained from scratch with full weights; prompts are replaced by the generic prompt
+The embedded backbone is trained from scratch with full weights; on backbone `flux`, FLUX.1-dev stays frozen
+and the stage trains OminiControl's rank-`sft.lora_rank` LoRA, routed to the condition tokens (or loads a
+released one from `sft.init_lora` and trains nothing), and `models/sft` holds that LoRA. In both, prompts are replaced by the generic prompt
 with probability `generic_prompt_prob` and dropped with probability `text_dropout`; with probability
 `ref_blur_prob` the reference is blurred (a radius from `ref_blur_radii`) while the target stays sharp, so that
 the base answers a degraded reference with a coherent subject whose details it must guess: CDNS's near-miss.
@@ -14,8 +16,9 @@ import math
 import numpy as np
 import torch
 
-from .. import checkpoint, config, degrade, flow, manifest, stage, world
-from ..model import SubjectFlux, speed_options
+from .. import checkpoint, config, degrade, distributed, flow, manifest, stage, world
+from ..model import SFT_ADAPTER, SubjectFlux, add_lora, speed_options
+from .sfo import encode_all, fill_prompt_cache
 
 DATA, OUT_DIR, CURVE, WORK = "data/train", "models/sft", "reports/sft/train.csv", "checkpoints/sft"
 T_BINS = 4   # loss per timestep bin, logged beside the loss (minRF-style)
@@ -64,63 +67,92 @@ def lr_at(step: int, cfg: config.Sft) -> float:
 
 def main():
     mcfg, cfg, tcfg = config.load("model", "sft", "train")
+    distributed.relaunch_if_needed(tcfg.processes, "pipeline.stages.sft")
+    par = distributed.Parallel()
     stage.set_threads()
     table, refs, targets = load_triplets(DATA)
     prompts, generic = table.column("prompt").to_pylist(), table.column("generic_prompt").to_pylist()
     blurred = blurred_copies(table, cfg.ref_blur_radii, DATA) if cfg.ref_blur_prob > 0 else []
     model = SubjectFlux.build(mcfg, targets.shape[-1], world.vocabulary(), cfg.seed)   # validates the model config
-    work = checkpoint.WorkDir(WORK, checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA],
-                                                           ignore=("train.checkpoint_every",)))
-    cuda = torch.cuda.is_available()
+    if mcfg.backbone == "flux":      # FLUX.1-dev frozen; the OminiControl LoRA trains (or is loaded)
+        params = add_lora(model, SFT_ADAPTER, cfg.lora_rank, cfg.lora_alpha, routed=True,
+                          weights=cfg.init_lora or None)
+    else:
+        params = list(model.transformer.parameters())
+    steps = 0 if cfg.init_lora else cfg.steps
+    local = par.local(cfg.batch_size)
+    fp = checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA], ignore=("train.checkpoint_every",))
+    if par.main:
+        work = checkpoint.WorkDir(WORK, fp)
+    par.barrier()
+    if not par.main:
+        work = checkpoint.WorkDir(WORK, fp)
+    cuda = par.device.type == "cuda"
+    policy = par.wrap(model)
+    if cuda and mcfg.gradient_checkpointing and mcfg.backbone == "flux":
+        model.transformer.enable_gradient_checkpointing()
     speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
-    model.text.encode(sorted(set(prompts) | set(generic) | {""}))   # fill the prompt cache once
+    # Tokens of every image and embeddings of every prompt, computed once (at real scale: VAE and T5/CLIP).
+    targets, refs = encode_all(model, targets, "sft: encode targets"), encode_all(model, refs, "sft: encode references")
+    blurred = [encode_all(model, b, "sft: encode blurred references") for b in blurred]
+    fill_prompt_cache(model, prompts + generic + [""])
     stage.seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = stage.optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sft: %d triplets, %.2fM parameters, %d steps of %d, compile %s, bf16 %s%s", n,
-                   sum(p.numel() for p in model.transformer.parameters()) / 1e6, cfg.steps, cfg.batch_size,
-                   tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda),
+    stage.log.info("sft: %d triplets, %s, %.2fM trainable parameters, %d steps of %d, %s, compile %s, bf16 %s, "
+                   "%d process(es)%s", n, f"backbone {mcfg.backbone}" + (f" + LoRA rank {cfg.lora_rank}"
+                   if mcfg.backbone == "flux" else ""), sum(p.numel() for p in params) / 1e6, steps, cfg.batch_size,
+                   par.device, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda), par.size,
                    f", resumed from step {start}" if start else "")
+    if cfg.init_lora:
+        stage.log.info("sft: loaded the SFT LoRA from %s; nothing to train", cfg.init_lora)
 
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
     model.train()
-    bar = stage.progress(range(start, cfg.steps), desc="sft", initial=start, total=cfg.steps)
+    bar = stage.progress(range(start, steps), desc="sft", initial=start, total=steps,
+                         **({} if par.main else {"disable": True}))
+    dev = par.device
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)     # the global batch, same on every process
         ref = pick_refs(refs, blurred, idx, g, cfg)
-        c = model.condition(ref, pick_prompts(prompts, generic, idx, torch.rand(cfg.batch_size, generator=g), cfg))
-        x = model.tokens(targets[idx])
+        batch_prompts = pick_prompts(prompts, generic, idx, torch.rand(cfg.batch_size, generator=g), cfg)
+        x = targets[idx]
         eps = torch.randn(x.shape, generator=g)
         t = flow.logit_normal(cfg.batch_size, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
-        err = flow.per_sample_error(model(flow.interpolate(x, eps, t), t, c), x, eps)
+        c = model.condition_tokens(ref[local].to(dev), batch_prompts[local])
+        x, eps, t_local = x[local].to(dev), eps[local].to(dev), t[local].to(dev)
+        err = flow.per_sample_error(policy(flow.interpolate(x, eps, t_local), t_local, c), x, eps)
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.transformer.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         checkpoint.fault_point("sft:step")
         opt.step()
-        window.append(loss.item())
-        for b, e in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), err.detach().tolist()):
+        window.append(par.mean(loss).item())
+        for b, e in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), par.gather(err).cpu().tolist()):
             bins[b].append(e)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             row = {"step": step + 1, "loss": sum(window) / len(window), "lr": lr_at(step, cfg)}
             row.update({f"loss_t{b}": (sum(v) / len(v) if v else float("nan")) for b, v in enumerate(bins)})
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             window, bins = [], [[] for _ in range(T_BINS)]
-        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < steps and par.main:
             work.save(step + 1, model, opt, {"data": g}, {"rows": rows, "window": window, "bins": bins}, "sft")
     checkpoint.fault_point("sft:save")
-    stage.log.info("sft: final loss %.4f (first logged %.4f)", rows[-1]["loss"], rows[0]["loss"])
+    if not par.main:
+        return []
+    if rows:
+        stage.log.info("sft: final loss %.4f (first logged %.4f)", rows[-1]["loss"], rows[0]["loss"])
     model.eval()
     model.save_pretrained(OUT_DIR)
-    stage.write_csv(CURVE, rows)
-    work.finish({"stage": "sft", "steps": cfg.steps})
+    stage.write_csv(CURVE, rows or [{"step": 0, "loss": float("nan"), "lr": 0.0}])
+    work.finish({"stage": "sft", "steps": steps})
     return [OUT_DIR, CURVE]
 
 
