@@ -1,7 +1,8 @@
 """Data-parallel training for `sft`, `sfo` and `control` with accelerate (DDP), `train.processes` processes.
 
 The DVC command stays `python -m pipeline.stages.<stage>`: with `train.processes` > 1 the stage relaunches
-itself under `accelerate launch --num_processes N` (add `--cpu` where there is no CUDA), and each process
+itself under `accelerate launch --multi_gpu --num_processes N` (DDP through torch.distributed: NCCL on GPUs, gloo
+on CPUs), and each process
 trains on its share of every global batch. Every process draws the same global batch from the same seeded
 generator and keeps rows `rank::N`-contiguous (`local`), DDP averages the gradients, so a step's update equals
 the one-process update on the global batch up to float summation order (tests/test_distributed.py checks the
@@ -31,7 +32,7 @@ def relaunch_if_needed(processes: int, module: str) -> None:
         return
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           *([] if torch.cuda.is_available() else ["--cpu"]), "-m", module, *sys.argv[1:]]
+           "--multi_gpu", "-m", module, *sys.argv[1:]]
     stage.log.info("%s: relaunching under accelerate with %d processes", module, processes)
     sys.exit(subprocess.call(cmd))
 
@@ -44,6 +45,8 @@ class Parallel:
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.device, self.rank, self.size = self.acc.device, self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
+        if not self.main:                  # one log per stage: the other processes only warn
+            stage.log.setLevel("WARNING")
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module to call for trainable forwards: DDP-wrapped when there is more than one process."""

@@ -190,10 +190,10 @@ def main():
     local = par.local(cfg.pairs_per_step)
     model, reference, params = policy_and_reference(cfg)
     if par.main:      # the work directory is the main process's; the others read its checkpoints
-        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every",)))
+        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every", "train.processes")))
     par.barrier()
     if not par.main:
-        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every",)))
+        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every", "train.processes")))
     cuda = par.device.type == "cuda"
     if reference is not None:
         reference.to(par.device)

@@ -81,7 +81,7 @@ def main():
         params = list(model.transformer.parameters())
     steps = 0 if cfg.init_lora else cfg.steps
     local = par.local(cfg.batch_size)
-    fp = checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA], ignore=("train.checkpoint_every",))
+    fp = checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA], ignore=("train.checkpoint_every", "train.processes"))
     if par.main:
         work = checkpoint.WorkDir(WORK, fp)
     par.barrier()
@@ -101,9 +101,9 @@ def main():
     opt = stage.optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     start, state = work.resume(model, opt, {"data": g})
     n = len(prompts)
-    stage.log.info("sft: %d triplets, %s, %.2fM trainable parameters, %d steps of %d, %s, compile %s, bf16 %s, "
+    stage.log.info("sft: %d triplets, %s, %s trainable parameters, %d steps of %d, %s, compile %s, bf16 %s, "
                    "%d process(es)%s", n, f"backbone {mcfg.backbone}" + (f" + LoRA rank {cfg.lora_rank}"
-                   if mcfg.backbone == "flux" else ""), sum(p.numel() for p in params) / 1e6, steps, cfg.batch_size,
+                   if mcfg.backbone == "flux" else ""), f"{sum(p.numel() for p in params):,}", steps, cfg.batch_size,
                    par.device, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda), par.size,
                    f", resumed from step {start}" if start else "")
     if cfg.init_lora:

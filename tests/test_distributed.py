@@ -1,0 +1,39 @@
+"""Data-parallel training (pipeline/distributed.py): `sft` and `sfo` with `train.processes: 2` relaunch
+themselves under `accelerate launch` (DDP, gloo on CPU) and give the one-process loss curve on the same
+global batch, to float tolerance (beta = 1000 in the SFO loss magnifies summation-order differences)."""
+import csv
+import sys
+
+import numpy as np
+import yaml
+
+from conftest import run
+
+
+def curve(path) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+def set_processes(repo, n: int):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["processes"] = n
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_two_processes_give_the_one_process_loss_curve(work_repo):
+    curves = {}
+    for n in (1, 2):
+        set_processes(work_repo, n)
+        for stage in ("sft", "sfo"):
+            p = run([sys.executable, "-m", f"pipeline.stages.{stage}"], work_repo)
+            assert f"{n} process(es)" in p.stderr
+            curves[stage, n] = curve(work_repo / f"reports/{stage}/train.csv")
+    assert "relaunching under accelerate with 2 processes" in p.stderr
+    for stage in ("sft", "sfo"):
+        one, two = curves[stage, 1], curves[stage, 2]
+        assert len(one["loss"]) == len(two["loss"]) >= 2
+        for k in one:
+            np.testing.assert_allclose(two[k], one[k], rtol=2e-3, atol=1e-5, err_msg=f"{stage} {k}")
+        assert not np.array_equal(one["loss"], np.full_like(one["loss"], one["loss"][0]))   # a curve, not a constant
