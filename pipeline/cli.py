@@ -79,9 +79,11 @@ def generate(args) -> list[Path]:
               file=sys.stderr)
     guidance, why = (args.guidance, "from --guidance") if args.guidance is not None else default_guidance()
     seeds = [args.seed + k for k in range(args.num_images)]
-    refs = torch.from_numpy(manifest.to_float(np.repeat(ref[None], len(seeds), 0)))
-    noise = seeded_noise(seeds, model.noise_shape)
-    images = manifest.to_uint8(model.sample(refs, [args.prompt] * len(seeds), noise, args.steps, guidance))
+    refs = torch.from_numpy(manifest.to_float(ref[None]))
+    # one image at a time: an image depends on its seed alone, not on --num-images (batched convolutions and
+    # matmuls round differently by batch size, enough to flip a pixel of the FLUX VAE's output)
+    images = np.concatenate([manifest.to_uint8(model.sample(refs, [args.prompt], seeded_noise([s], model.noise_shape),
+                                                            args.steps, guidance)) for s in seeds])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -103,3 +104,54 @@ def test_sfo_leaves_the_reference_untouched_and_the_loras_load_into_flux_pipelin
     pipe.load_lora_weights(r / "models/sft", adapter_name="sft")
     pipe.load_lora_weights(r / "models/sfo", adapter_name="sfo")
     assert set(pipe.get_list_adapters()["transformer"]) == {"sft", "sfo"}
+
+
+def test_sfo_generate_on_the_flux_backbone(flux_repo, tmp_path):
+    """Issue 7 on the real-scale backbone: the console script, a drawn PNG, sizes and seeds."""
+    from PIL import Image
+    drawn = tmp_path / "drawn.png"
+    img = np.full((50, 70, 3), 190, np.uint8)          # not square, not 64 px: the CLI crops and resizes
+    img[10:40, 20:50] = (200, 30, 30)
+    Image.fromarray(img).save(drawn)
+    exe = Path(sys.executable).parent / "sfo"
+    args = [str(exe), "generate", "--model", "models/sfo", "--ref", str(drawn), "--prompt", "a photo of a red box",
+            "--steps", "2", "--guidance", "3.5"]
+    a = run([*args, "--out", str(tmp_path / "a.png"), "--seed", "1", "--num-images", "2", "--size", "96"], flux_repo)
+    b = run([*args, "--out", str(tmp_path / "b.png"), "--seed", "1", "--size", "96"], flux_repo)
+    first, second, again = (np.asarray(Image.open(tmp_path / f)) for f in ("a-0.png", "a-1.png", "b.png"))
+    assert first.shape == (96, 96, 3) and "64 px resized to 96 px" in a.stdout
+    assert not np.array_equal(first, second) and np.array_equal(first, again)
+    bad = run([*args, "--out", str(tmp_path / "c.png"), "--prompt", " "], flux_repo, check=False)
+    assert bad.returncode == 2 and "--prompt is empty" in bad.stderr
+
+
+@pytest.mark.parametrize("stage, key, value, output", [
+    ("prepare", "prepare.subjects200k", "Yuanshi/Subjects200K", "data/train"),
+    ("judges", "judges.dino", "facebook/dino-vits16", "models/judges"),
+    ("sft", "model.pretrained", "black-forest-labs/FLUX.1-dev", "models/sft"),
+])
+def test_real_scale_stages_stop_within_seconds_without_the_hub(flux_repo, tmp_path, stage, key, value, output):
+    """No hub: the stage exits 2 within seconds, says what is missing and how to provide it, writes nothing."""
+    import shutil
+    import time
+    repo = tmp_path / "repo"
+    shutil.copytree(flux_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    section, name = key.split(".")
+    params[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.rmtree(repo / output)
+    env_extra = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    import os
+    import subprocess
+    from conftest import stage_env
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=repo, capture_output=True, text=True,
+                       env={**stage_env(), **env_extra})
+    took = time.time() - t0
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert took < 30, f"{stage} took {took:.1f} s to fail"
+    assert value in p.stderr and "huggingface-cli login" in p.stderr and key in p.stderr
+    assert not (repo / output).exists()
+    print(f"{stage}: stopped in {took:.1f} s: {p.stderr.strip().splitlines()[-1][:200]}")
+    assert os.environ.get("HF_ENDPOINT") != env_extra["HF_ENDPOINT"]   # the test's own environment untouched
