@@ -32,7 +32,7 @@ from diffusers import FluxTransformer2DModel
 
 from pipeline import flow
 from pipeline.config import Loss, Model
-from pipeline.model import Conditioning, SubjectFlux, adapters_active, add_lora
+from pipeline.model import Conditioning, SubjectFlux, add_lora, reference_of
 from pipeline.stages.sfo import sfo_backward
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json): 11.9 B parameters.
@@ -125,7 +125,7 @@ def main():
     n_params = sum(p.numel() for p in model.transformer.parameters())
     print(f"built {n_params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
     tr = model.transformer
-    sft_params = add_lora(model, "sft", 4, 4)
+    sft_params = add_lora(model, "sft", 4, 4, routed=True)      # OminiControl: condition tokens only, as `sft` trains it
     sfo_params = add_lora(model, "sfo", 16, 16)
     opt_sft = torch.optim.AdamW(sft_params, lr=1e-4)
     opt_sfo = torch.optim.AdamW(sfo_params, lr=1e-4)
@@ -157,7 +157,7 @@ def main():
 
         def sfo_train(micro):
             opt_sfo.zero_grad(set_to_none=True)
-            sfo_backward(model, c, x, x_neg, t, eps, loss_cfg, micro, reference=lambda m: adapters_active(m, ["sft"]))
+            sfo_backward(model, c, x, x_neg, t, eps, loss_cfg, micro, reference=reference_of)
             opt_sfo.step()
 
         use(["sft"], "sft")                                     # the sft stage: LoRA r4 alone, trainable

@@ -52,41 +52,55 @@ def subject_references(judges, path: str, subjects: np.ndarray) -> tuple[dict | 
 
 
 def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
-             guidance: float, desc: str, work=None) -> np.ndarray:
+             guidance: float, desc: str, work=None, par=None) -> np.ndarray:
     """uint8 samples (N, H, W, 3), one per (reference, prompt, seed); each sample's noise comes from its seed.
-    With a `checkpoint.WorkDir`, each batch is saved there (atomically) and reused by a rerun after a kill."""
-    out = []
-    for k, i in enumerate(stage.progress(range(0, len(seeds), sampler.batch_size), desc=desc)):
-        sl = slice(i, i + sampler.batch_size)
+    With a `checkpoint.WorkDir`, each batch is saved there (atomically) and reused by a rerun after a kill.
+    With `par` (a `distributed.Parallel` of several processes, one GPU each) process r generates the batches
+    k = r mod N into the work directory, and every process returns all of them once all are written."""
+    size, rank = (par.size, par.rank) if par is not None else (1, 0)
+    if size > 1 and work is None:
+        raise ValueError("sharded generation needs a work directory to exchange batches")
+    device = next(model.transformer.parameters()).device
+    starts = list(range(0, len(seeds), sampler.batch_size))
+    out = {}
+    for k in stage.progress([k for k in range(len(starts)) if k % size == rank], desc=desc):
+        sl = slice(starts[k], starts[k] + sampler.batch_size)
         path = work.dir / f"batch-{k:05d}.npy" if work is not None else None
         if path is not None and path.exists():
             batch = np.load(path, allow_pickle=False)
             if batch.shape == (len(seeds[sl]), *refs.shape[1:]) and batch.dtype == np.uint8:
-                out.append(batch)
+                out[k] = batch
                 continue
             stage.log.warning("%s: %s does not match its batch; regenerating it", desc, path)
-        noise = seeded_noise(seeds[sl], model.noise_shape)
-        x = model.sample(torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl], noise, sampler.steps,
+        noise = seeded_noise(seeds[sl], model.noise_shape).to(device)
+        x = model.sample(torch.from_numpy(manifest.to_float(refs[sl])).to(device), prompts[sl], noise, sampler.steps,
                          guidance, sampler.shift)
-        out.append(manifest.to_uint8(x))
+        out[k] = manifest.to_uint8(x.cpu())
         if path is not None:
             tmp = path.with_name(f"tmp-{path.name}")
             with open(tmp, "wb") as f:
-                np.save(f, out[-1], allow_pickle=False)
+                np.save(f, out[k], allow_pickle=False)
             checkpoint.fault_point("evaluate:batch")
             os.replace(tmp, path)
-    return np.concatenate(out)
+    if size > 1:
+        par.barrier()
+        out = {k: np.load(work.dir / f"batch-{k:05d}.npy", allow_pickle=False) for k in range(len(starts))}
+        par.barrier()                                    # all read before the main process cleans up
+    return np.concatenate([out[k] for k in range(len(starts))])
 
 
 def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: int, sampler: config.Sampler,
-                       guidance: float, desc: str, tag: int = SEED_TAG, work=None, subject_refs: dict | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, dict]:
+                       guidance: float, desc: str, tag: int = SEED_TAG, work=None, subject_refs: dict | None = None,
+                       par=None) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Generate every row `seeds_per_row` times and score each image (against `subject_refs`, see
-    `subject_references`, where given); returns (row index per image, images, per-image scores)."""
+    `subject_references`, where given); returns (row index per image, images, per-image scores), or None in the
+    other processes of a sharded generation (`par`)."""
     rows = np.repeat(np.arange(len(b["prompts"])), seeds_per_row)
     seeds = [sample_seed(base_seed, r, k, tag) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
     prompts = [b["prompts"][r] for r in rows]
-    samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc, work)
+    samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc, work, par)
+    if par is not None and not par.main:
+        return None                                      # the main process scores and writes
     scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},
                           b["truth"][rows], b["masks"][rows], subject_refs=subject_refs, subjects=b["subjects"][rows])
     return rows, samples, {**scores, "seed": np.array(seeds)}

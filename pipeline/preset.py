@@ -20,6 +20,17 @@ from . import config
 PRESETS = Path(__file__).resolve().parents[1] / "params"
 
 
+class _Dumper(yaml.SafeDumper):
+    """params.yaml's own style: block mappings, lists inline."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def dump(params: dict) -> str:
+    return yaml.dump(params, Dumper=_Dumper, sort_keys=False)
+
+
 def merged(names: list[str], base: dict) -> tuple[dict, dict]:
     """(params with the presets applied, the flat {section.key: value} overrides)."""
     params, flat = copy.deepcopy(base), {}
@@ -50,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
               " ".join(f"-S '{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}'"
                        for k, v in flat.items()))
         return 0
-    Path(config.PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False))
+    Path(config.PARAMS_FILE).write_text(dump(params))
     print(f"preset: params.yaml now has {len(flat)} values from {', '.join(args.presets)} "
           f"(`git diff params.yaml` shows them; `git checkout params.yaml` undoes it)")
     return 0

@@ -94,6 +94,8 @@ def quiet_libraries():
         lib.disable_progress_bar()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings            # peft, on the SFO LoRA added beside the SFT LoRA: intended here
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
 def run(name: str, main: Callable[[], list | None]):

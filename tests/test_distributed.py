@@ -1,7 +1,9 @@
 """Data-parallel training (pipeline/distributed.py): `sft` and `sfo` with `train.processes: 2` relaunch
 themselves under `accelerate launch` (DDP, gloo on CPU) and give the one-process loss curve on the same
-global batch, to float tolerance (beta = 1000 in the SFO loss magnifies summation-order differences)."""
+global batch, to float tolerance (beta = 1000 in the SFO loss magnifies summation-order differences); the
+evaluation's generation, sharded by batch over the processes, gives the one-process images and scores exactly."""
 import csv
+import json
 import sys
 
 import numpy as np
@@ -37,3 +39,14 @@ def test_two_processes_give_the_one_process_loss_curve(work_repo):
         for k in one:
             np.testing.assert_allclose(two[k], one[k], rtol=2e-3, atol=1e-5, err_msg=f"{stage} {k}")
         assert not np.array_equal(one["loss"], np.full_like(one["loss"], one["loss"][0]))   # a curve, not a constant
+
+
+def test_sharded_evaluation_equals_one_process(work_repo):
+    out = {}
+    for n in (2, 1):
+        set_processes(work_repo, n)
+        p = run([sys.executable, "-m", "pipeline.stages.evaluate", "--model", "sft"], work_repo)
+        assert "relaunching under accelerate with 2 processes" in p.stderr or n == 1
+        out[n] = ((work_repo / "reports/eval/sft/scores.csv").read_text(),
+                  json.loads((work_repo / "reports/eval/sft/metrics.json").read_text()))
+    assert out[1][0] == out[2][0] and out[1][1] == out[2][1]

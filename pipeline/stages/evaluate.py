@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import checkpoint, config, evaluation, manifest, stage
+from .. import checkpoint, config, distributed, evaluation, manifest, stage
 from ..judges import Judges
 from ..model import SubjectFlux, load_trained
 
@@ -42,22 +42,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     name = parser.parse_args().model
-    sampler, bench_cfg, cfg = config.load("sampler", "bench", "evaluate")
+    sampler, bench_cfg, cfg, tcfg = config.load("sampler", "bench", "evaluate", "train")
+    distributed.relaunch_if_needed(tcfg.processes, "pipeline.stages.evaluate")   # one GPU a process, batches shared
+    par = distributed.Parallel()
     guidance = evaluation.chosen_guidance()
     stage.set_threads()
     table = manifest.read(BENCH)
     b = evaluation.bench_arrays(table, BENCH)
     judges = Judges.load(JUDGES)
-    model = load_model(name)
+    model = load_model(name).to(par.device)
     inputs = [BENCH, BASE] + ([MODELS[name]] if MODELS[name] else [])
-    work = checkpoint.WorkDir(f"checkpoints/evaluate-{name}", checkpoint.fingerprint(
-        {"sampler": sampler, "bench": {"seeds": bench_cfg.seeds}, "evaluate": cfg, "guidance": {"chosen": guidance}},
-        inputs, ignore=("evaluate.grid_subjects",)))
+    fp = checkpoint.fingerprint({"sampler": sampler, "bench": {"seeds": bench_cfg.seeds}, "evaluate": cfg,
+                                 "guidance": {"chosen": guidance}}, inputs, ignore=("evaluate.grid_subjects",))
+    work = checkpoint.WorkDir(f"checkpoints/evaluate-{name}", fp) if par.main else None
+    par.barrier()                        # the main process makes (or cleans) the work directory first
+    work = work or checkpoint.WorkDir(f"checkpoints/evaluate-{name}", fp)
 
     k = bench_cfg.seeds
     subject_refs, references = evaluation.subject_references(judges, BENCH, b["subjects"])
-    rows, samples, scores = evaluation.generate_and_score(model, judges, b, k, cfg.seed, sampler, guidance,
-                                                          f"evaluate {name}", work=work, subject_refs=subject_refs)
+    result = evaluation.generate_and_score(model, judges, b, k, cfg.seed, sampler, guidance, f"evaluate {name}",
+                                           work=work, subject_refs=subject_refs, par=par)
+    if result is None:
+        return []
+    rows, samples, scores = result
     protocol = judges.protocol if references is None else {**judges.protocol, "references": references}
     ms = evaluation.measures(scores)
     out = Path("reports/eval") / name

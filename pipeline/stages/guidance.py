@@ -8,6 +8,8 @@ Writes `reports/guidance.json`: the chosen scale and every scale's six measures.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import config, evaluation, manifest, stage
 from ..judges import Judges
 from ..model import SubjectFlux
@@ -19,7 +21,8 @@ def main():
     cfg, sampler = config.load("guidance", "sampler")
     stage.set_threads()
     b = evaluation.bench_arrays(manifest.read(VAL), VAL)
-    judges, model = Judges.load(JUDGES), SubjectFlux.from_pretrained(BASE).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    judges, model = Judges.load(JUDGES), SubjectFlux.from_pretrained(BASE).eval().to(device)
     results = {}
     for scale in cfg.scales:
         _, _, scores = evaluation.generate_and_score(model, judges, b, cfg.seeds, cfg.seed, sampler, scale,
