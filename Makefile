@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench ablations exps clean-venv
+.PHONY: setup repro real paper test bench ablations exps clean-venv
 
 setup: $(STAMP)
 
@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: setup
+	dvc repro
+
+# Real scale (README "Running at real scale"): rewrite params.yaml from the presets in params/, then the DAG.
+# Needs the hub (FLUX.1-dev licence accepted, `huggingface-cli login`) or local paths, and GPUs to be useful.
+real: setup
+	$(BIN)/python -m pipeline.preset real
+	dvc repro
+
+paper: setup
+	$(BIN)/python -m pipeline.preset real paper
 	dvc repro
 
 test: setup

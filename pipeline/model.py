@@ -22,6 +22,7 @@ from diffusers import FluxTransformer2DModel
 
 from . import flow
 from .config import ConfigError, Model
+from .stage import progress
 from .text import TextEncoder
 
 
@@ -332,6 +333,25 @@ class SubjectFlux(torch.nn.Module):
                 return self(x, t, c)
         x = flow.euler_sample(velocity, patchify(noise, self.cfg.patch_size), steps, shift, grid)
         return self.images(x).clamp(-1, 1)
+
+
+def encode_all(model: SubjectFlux, imgs: torch.Tensor | None, desc: str, batch: int = 64) -> torch.Tensor | None:
+    """Tokens of every image, computed once before training (at real scale: VAE latents, packed), on the CPU."""
+    if imgs is None:
+        return None
+    device = next(model.transformer.parameters()).device
+    chunks = [model.tokens(imgs[i:i + batch].to(device)).cpu()
+              for i in progress(range(0, len(imgs), batch), desc=desc)]
+    return torch.cat(chunks)
+
+
+def fill_prompt_cache(model: SubjectFlux, prompts: list[str]):
+    """Encode every distinct prompt once: in batches of 64 at real scale (FLUX.1-dev's T5 cannot take thousands
+    at once), in one batch for the embedded encoders (the embeddings every earlier run was trained on)."""
+    unique = sorted(set(prompts))
+    batch = 64 if model.cfg.backbone == "flux" else max(1, len(unique))
+    for i in range(0, len(unique), batch):
+        model.text.encode(unique[i:i + batch])
 
 
 def speed_options(model: SubjectFlux, compile: bool, bf16: bool) -> SubjectFlux:

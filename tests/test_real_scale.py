@@ -110,7 +110,7 @@ def test_sfo_generate_on_the_flux_backbone(flux_repo, tmp_path):
     """Issue 7 on the real-scale backbone: the console script, a drawn PNG, sizes and seeds."""
     from PIL import Image
     drawn = tmp_path / "drawn.png"
-    img = np.full((50, 70, 3), 190, np.uint8)          # not square, not 64 px: the CLI crops and resizes
+    img = np.full((50, 70, 3), 190, np.uint8)          # not square, not 64 px: the CLI resizes it
     img[10:40, 20:50] = (200, 30, 30)
     Image.fromarray(img).save(drawn)
     exe = Path(sys.executable).parent / "sfo"

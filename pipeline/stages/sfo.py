@@ -31,7 +31,16 @@ import numpy as np
 import torch
 
 from .. import checkpoint, config, distributed, flow, manifest, stage
-from ..model import Conditioning, SubjectFlux, add_lora, reference_of, save_lora, speed_options
+from ..model import (
+    Conditioning,
+    SubjectFlux,
+    add_lora,
+    encode_all,
+    fill_prompt_cache,
+    reference_of,
+    save_lora,
+    speed_options,
+)
 
 DATA, NEGATIVES, BASE = "data/train", "data/negatives/manifest.parquet", "models/sft"
 ADAPTER = "sfo"
@@ -61,25 +70,6 @@ def load_positives(n: int):
     train = manifest.read(DATA)
     train = train.slice(0, train.num_rows if n == 0 else min(n, train.num_rows))
     return images(train, "target_png", DATA), None, images(train, "ref_png", DATA), train.column("prompt").to_pylist()
-
-
-def encode_all(model: SubjectFlux, imgs: torch.Tensor | None, desc: str, batch: int = 64) -> torch.Tensor | None:
-    """Tokens of every image, computed once before training (at real scale: VAE latents, packed), on the CPU."""
-    if imgs is None:
-        return None
-    device = next(model.transformer.parameters()).device
-    chunks = [model.tokens(imgs[i:i + batch].to(device)).cpu()
-              for i in stage.progress(range(0, len(imgs), batch), desc=desc)]
-    return torch.cat(chunks)
-
-
-def fill_prompt_cache(model: SubjectFlux, prompts: list[str]):
-    """Encode every distinct prompt once: in batches of 64 at real scale (FLUX.1-dev's T5 cannot take thousands
-    at once), in one batch for the embedded encoders (the embeddings every earlier run was trained on)."""
-    unique = sorted(set(prompts))
-    batch = 64 if model.cfg.backbone == "flux" else max(1, len(unique))
-    for i in range(0, len(unique), batch):
-        model.text.encode(unique[i:i + batch])
 
 
 def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:

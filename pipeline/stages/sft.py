@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from .. import checkpoint, config, degrade, distributed, flow, manifest, stage, world
-from ..model import SFT_ADAPTER, SubjectFlux, add_lora, speed_options
-from .sfo import encode_all, fill_prompt_cache
+from ..model import (
+    SFT_ADAPTER,
+    SubjectFlux,
+    add_lora,
+    encode_all,
+    fill_prompt_cache,
+    speed_options,
+)
 
 DATA, OUT_DIR, CURVE, WORK = "data/train", "models/sft", "reports/sft/train.csv", "checkpoints/sft"
 T_BINS = 4   # loss per timestep bin, logged beside the loss (minRF-style)
