@@ -115,13 +115,23 @@ class NegativeWorker:
         return out_path
 
 
-def start_ray(cfg: config.Cdns):
+def start_ray(cfg: config.Cdns, attempts: int = 3):
+    """Join `cdns.ray_address`, or start a private local instance on loopback. Ray gives its raylet a fixed 30 s
+    to register (not configurable); on an overloaded machine that can time out, so the start is retried."""
     import ray
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-    else:   # a private local instance, listening on loopback only
-        ray.init(num_cpus=cfg.workers * cfg.threads_per_worker, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+    for attempt in range(1, attempts + 1):
+        try:
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=cfg.workers * cfg.threads_per_worker, include_dashboard=False,
+                         log_to_driver=False, _node_ip_address="127.0.0.1", configure_logging=False)
+            return ray
+        except Exception as e:        # Ray raises a bare Exception for "timed out during startup"
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            stage.log.warning("cdns: Ray did not start (%s); retrying (%d of %d)", e, attempt + 1, attempts)
+            ray.shutdown()
     return ray
 
 
