@@ -63,7 +63,11 @@ def _modulated_residual(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, n
 def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
     """FluxTransformerBlock over text + image-side branches, each branch modulated by its own temb. `route`
     (a `Route`, backbone flux) tells the routed LoRA which branch the per-branch MLP is reading."""
-    mods = [block.norm1(x, emb=e) for x, e in zip(branches, tembs)]   # (normed, gate_msa, shift, scale, gate_mlp)
+    mods = []                                                          # (normed, gate_msa, shift, scale, gate_mlp)
+    for i, (x, e) in enumerate(zip(branches, tembs)):
+        if route is not None:
+            route.branch(i, x.shape[1])
+        mods.append(block.norm1(x, emb=e))
     txt_mod = block.norm1_context(txt, emb=temb_txt)
     img_attn, txt_attn = block.attn(hidden_states=torch.cat([m[0] for m in mods], 1),
                                     encoder_hidden_states=txt_mod[0], image_rotary_emb=rope)
@@ -81,7 +85,12 @@ def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
 def _single_block(block, txt, branches, tembs, temb_txt, rope, route=None):
     """FluxSingleTransformerBlock (parallel attention + MLP) with one modulation per branch."""
     seqs, embs = [txt, *branches], [temb_txt, *tembs]
-    normed, gates = zip(*(block.norm(x, emb=e) for x, e in zip(seqs, embs)))
+    mods = []
+    for i, (x, e) in enumerate(zip(seqs, embs)):
+        if route is not None:              # a routed LoRA on the AdaLN (released OminiControl LoRAs have one)
+            route.branch(i - 1, None)
+        mods.append(block.norm(x, emb=e))
+    normed, gates = zip(*mods)
     h = torch.cat(normed, 1)
     out = block.proj_out(torch.cat([block.attn(hidden_states=h, image_rotary_emb=rope),
                                     block.act_mlp(block.proj_mlp(h))], 2))
@@ -101,17 +110,21 @@ class Route:
     def __init__(self):
         self.masks: dict[int, torch.Tensor] = {}
         self.cond_index: int | None = None
+        self.current = 0.0        # for inputs with no token axis (an AdaLN's embedding): the branch being modulated
 
     def set(self, txt_len: int, sizes: list[int], has_cond: bool):
-        self.masks, self.cond_index = {}, (len(sizes) - 1 if has_cond else None)
+        self.masks, self.cond_index, self.current = {}, (len(sizes) - 1 if has_cond else None), 0.0
         if has_cond:
             flags = [torch.full((n,), float(i == self.cond_index)) for i, n in enumerate(sizes)]
             image = torch.cat(flags)
             self.masks[len(image)] = image[None, :, None]
             self.masks[txt_len + len(image)] = torch.cat([torch.zeros(txt_len), image])[None, :, None]
 
-    def branch(self, index: int, n: int):
-        self.masks[n] = torch.full((1, n, 1), float(index == self.cond_index))
+    def branch(self, index: int, n: int | None):
+        """Branch `index` (-1: text) is next, alone, through per-branch layers (`n` tokens; None: no token axis)."""
+        self.current = float(index == self.cond_index)
+        if n is not None:
+            self.masks[n] = torch.full((1, n, 1), self.current)
 
 
 class RoutedInput(torch.nn.Module):
@@ -124,6 +137,8 @@ class RoutedInput(torch.nn.Module):
         self.route = route
 
     def forward(self, x):
+        if x.dim() == 2:                                  # (B, D): a per-branch embedding, e.g. AdaLN's
+            return x * self.route.current
         m = self.route.masks.get(x.shape[-2])
         return x * m.to(x.device, x.dtype) if m is not None else torch.zeros_like(x)
 
@@ -272,21 +287,26 @@ class SubjectFlux(torch.nn.Module):
     # --- the forward ---------------------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         """Predicted velocity tokens (B, N, D) for noisy tokens x_t (B, N, D) at times t (B,) in [0, 1]."""
-        tr = self.transformer
+        tr, route = self.transformer, self.route
+        if route is not None:         # token layout for a LoRA routed to the condition tokens (backbone flux)
+            route.set(c.txt.shape[1], [x_t.shape[1]] + ([c.cond.shape[1]] if c.cond is not None else []),
+                      c.cond is not None)
         temb = self._temb(t.to(x_t.dtype), c.pooled)                                      # noisy branch and text
         txt = tr.context_embedder(c.txt)
+        if route is not None:
+            route.branch(0, x_t.shape[1])
         branches, tembs, ids = [tr.x_embedder(x_t)], [temb], [self.txt_ids, self.img_ids]
         if c.cond is not None:                                                            # the subject branch
+            if route is not None:
+                route.branch(1, c.cond.shape[1])
             branches.append(tr.x_embedder(c.cond))
             tembs.append(self._temb(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))      # clean: t = 0
             ids.append(self.cond_ids)
-        if self.route is not None:
-            self.route.set(txt.shape[1], [b.shape[1] for b in branches], c.cond is not None)
         rope = tr.pos_embed(torch.cat(ids))
         for block in tr.transformer_blocks:
             txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope, self.route)
         for block in tr.single_transformer_blocks:
-            txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope)
+            txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope, self.route)
         return tr.proj_out(tr.norm_out(branches[0], temb))
 
     def _temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,37 @@ def test_bad_flux_configs_fail_clearly(tiny, tmp_path):
         SubjectFlux.build(flux_cfg(tmp_path), PX, [], 0)
     with pytest.raises(ConfigError, match="multiple of 16"):
         SubjectFlux.build(flux_cfg(tiny), 40, [], 0)
+
+
+# OminiControl's released LoRAs also adapt x_embedder and the blocks' AdaLN linears (their target regex).
+OMINI_TARGETS = (r".*(x_embedder|(?<!single_)transformer_blocks\.\d+\.(norm1\.linear|attn\.(to_q|to_k|to_v|to_out\.0)"
+                 r"|ff\.net\.2)|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.(to_q|to_k|to_v)))")
+
+
+def test_a_released_style_lora_loads_routed_to_the_condition_branch(tiny, tmp_path):
+    from peft import LoraConfig
+    donor = build(tiny)
+    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=OMINI_TARGETS), adapter_name="sft")
+    randomize(donor, "sft", 3)
+    save_lora(donor, tmp_path / "omini", "sft")
+
+    model = build(tiny)
+    add_lora(model, SFT_ADAPTER, 1, 1.0, routed=True, weights=tmp_path / "omini" / "pytorch_lora_weights.safetensors")
+    assert any("x_embedder" in n for n, _ in model.transformer.named_parameters() if ".sft." in n)
+    x, t, c = inputs(model)
+    seen = []
+    hook = model.transformer.transformer_blocks[0].norm1.linear.register_forward_hook(
+        lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        on = model(x, t, c)
+        model.transformer.disable_adapters()
+        off = model(x, t, c)
+        a = model(x, t, Conditioning(None, c.txt, c.pooled))
+        model.transformer.enable_adapters()
+        b = model(x, t, Conditioning(None, c.txt, c.pooled))
+    hook.remove()
+    # AdaLN of the noisy branch (call 0 of each pass) untouched; of the condition branch (call 1) adapted
+    torch.testing.assert_close(seen[0], seen[2], rtol=0, atol=0)
+    assert (seen[1] - seen[3]).abs().max() > 1e-3
+    assert (on - off).abs().max() > 1e-4
+    torch.testing.assert_close(a, b, rtol=0, atol=0)     # no condition tokens: the base model exactly

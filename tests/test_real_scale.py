@@ -155,3 +155,20 @@ def test_real_scale_stages_stop_within_seconds_without_the_hub(flux_repo, tmp_pa
     assert not (repo / output).exists()
     print(f"{stage}: stopped in {took:.1f} s: {p.stderr.strip().splitlines()[-1][:200]}")
     assert os.environ.get("HF_ENDPOINT") != env_extra["HF_ENDPOINT"]   # the test's own environment untouched
+
+
+def test_sft_loads_a_given_lora_instead_of_training(flux_repo, tmp_path):
+    """`sft.init_lora`: the released-LoRA path; here the LoRA file the DAG's own sft wrote, as a local path."""
+    import shutil
+    repo = tmp_path / "repo"
+    shutil.copytree(flux_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    given = tmp_path / "given.safetensors"
+    shutil.copy(repo / "models/sft/pytorch_lora_weights.safetensors", given)
+    shutil.rmtree(repo / "models/sft")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"]["init_lora"] = str(given)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = run([sys.executable, "-m", "pipeline.stages.sft"], repo)
+    assert "nothing to train" in p.stderr and "0 steps" in p.stderr
+    saved, want = load_file(str(repo / "models/sft/pytorch_lora_weights.safetensors")), load_file(str(given))
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
