@@ -38,6 +38,9 @@ def test_two_processes_give_the_one_process_loss_curve(work_repo):
         assert len(one["loss"]) == len(two["loss"]) >= 2
         for k in one:
             np.testing.assert_allclose(two[k], one[k], rtol=2e-3, atol=1e-5, err_msg=f"{stage} {k}")
+        rel = np.nanmax(np.abs(two["loss"] - one["loss"]) / np.abs(one["loss"]))
+        print(f"{stage}: {len(one['loss'])} logged steps, loss 1 process {one['loss'].round(6).tolist()}, "
+              f"2 processes {two['loss'].round(6).tolist()}, max relative difference {rel:.2e}")
         assert not np.array_equal(one["loss"], np.full_like(one["loss"], one["loss"][0]))   # a curve, not a constant
 
 
