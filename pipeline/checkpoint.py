@@ -70,6 +70,10 @@ def hash_inputs(*paths: str | Path) -> dict[str, str]:
     return out
 
 
+# Training keys that do not change what a run computes: a checkpoint stays valid across them.
+TRAIN_IGNORED = ("train.checkpoint_every", "train.processes")
+
+
 def fingerprint(sections: dict, inputs: list[str | Path], ignore: tuple[str, ...] = ()) -> dict:
     """What a stage's work depends on: its params sections (dataclasses or dicts; `ignore` lists "section.key"s
     that do not change results, such as worker counts) and the hashes of its input files."""

@@ -77,3 +77,14 @@ class Parallel:
 
     def barrier(self):
         self.acc.wait_for_everyone()
+
+    def work_dir(self, directory: str, fp: dict):
+        """A `checkpoint.WorkDir` that the main process opens (and cleans, if stale) before the others open it."""
+        from .checkpoint import WorkDir
+        work = WorkDir(directory, fp) if self.main else None
+        self.barrier()
+        return work or WorkDir(directory, fp)
+
+    def progress(self, iterable, **kw):
+        """`stage.progress` on the main process; no bar on the others."""
+        return stage.progress(iterable, **kw, **({} if self.main else {"disable": True}))

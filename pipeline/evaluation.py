@@ -52,11 +52,12 @@ def subject_references(judges, path: str, subjects: np.ndarray) -> tuple[dict | 
 
 
 def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
-             guidance: float, desc: str, work=None, par=None) -> np.ndarray:
+             guidance: float, desc: str, work=None, par=None) -> np.ndarray | None:
     """uint8 samples (N, H, W, 3), one per (reference, prompt, seed); each sample's noise comes from its seed.
     With a `checkpoint.WorkDir`, each batch is saved there (atomically) and reused by a rerun after a kill.
     With `par` (a `distributed.Parallel` of several processes, one GPU each) process r generates the batches
-    k = r mod N into the work directory, and every process returns all of them once all are written."""
+    k = r mod N into the work directory; once all are written the main process returns all of them, the others
+    None."""
     size, rank = (par.size, par.rank) if par is not None else (1, 0)
     if size > 1 and work is None:
         raise ValueError("sharded generation needs a work directory to exchange batches")
@@ -83,9 +84,10 @@ def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: li
             checkpoint.fault_point("evaluate:batch")
             os.replace(tmp, path)
     if size > 1:
-        par.barrier()
+        par.barrier()                                    # every batch written
+        if not par.main:
+            return None
         out = {k: np.load(work.dir / f"batch-{k:05d}.npy", allow_pickle=False) for k in range(len(starts))}
-        par.barrier()                                    # all read before the main process cleans up
     return np.concatenate([out[k] for k in range(len(starts))])
 
 
@@ -99,7 +101,7 @@ def generate_and_score(model, judges, b: dict, seeds_per_row: int, base_seed: in
     seeds = [sample_seed(base_seed, r, k, tag) for r in range(len(b["prompts"])) for k in range(seeds_per_row)]
     prompts = [b["prompts"][r] for r in rows]
     samples = generate(model, b["refs"][rows], prompts, seeds, sampler, guidance, desc, work, par)
-    if par is not None and not par.main:
+    if samples is None:
         return None                                      # the main process scores and writes
     scores = judges.score(samples, b["refs"][rows], prompts, {a: v[rows] for a, v in b["labels"].items()},
                           b["truth"][rows], b["masks"][rows], subject_refs=subject_refs, subjects=b["subjects"][rows])

@@ -51,6 +51,11 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def full_mask(size: int) -> bytes:
+    """The mask PNG of an image with no known subject mask (real-scale data): all of it."""
+    return encode_png(np.full((size, size), 255, np.uint8))
+
+
 def decode_png(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:

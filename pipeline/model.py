@@ -21,7 +21,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from . import flow
-from .config import ConfigError, Model
+from .config import ConfigError, Model, Train
 from .stage import progress
 from .text import TextEncoder
 
@@ -374,10 +374,13 @@ def fill_prompt_cache(model: SubjectFlux, prompts: list[str]):
         model.text.encode(unique[i:i + batch])
 
 
-def speed_options(model: SubjectFlux, compile: bool, bf16: bool) -> SubjectFlux:
+def speed_options(model: SubjectFlux, train: Train, cuda: bool) -> SubjectFlux:
     """Wrap the model's forward in bf16 autocast and/or torch.compile (`train.bf16`, `train.compile`). The
-    backward stays outside autocast; the errors are computed in float32 (`flow.per_sample_error`)."""
-    forward = model.forward
+    backward stays outside autocast; the errors are computed in float32 (`flow.per_sample_error`). FLUX.1-dev on
+    CUDA also recomputes each block in the backward (`model.gradient_checkpointing`)."""
+    if cuda and model.cfg.backbone == "flux" and model.cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    forward, bf16, compile = model.forward, train.enabled("bf16", cuda), train.enabled("compile", cuda)
     if bf16:
         forward = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)(forward)
     if compile:

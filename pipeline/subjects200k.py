@@ -37,7 +37,7 @@ KEY = "prepare.subjects200k"
 QUALITY = ("compositeStructure", "objectConsistency", "imageQuality")
 REQUIRED = {"image": ("bytes",), "collection": (), "quality_assessment": QUALITY,
             "description": ("item", "description_1")}
-UNKNOWN = -1   # the embedded world's attribute columns, which a real photo does not have
+UNKNOWN = manifest.UNKNOWN   # the embedded world's attribute columns, which a real photo does not have
 ATTR_COLUMNS = [f.name for f in manifest.TRIPLET_SCHEMA
                 if f.name not in ("id", "subject_id", "prompt", "generic_prompt", "ref_png", "target_png",
                                   "mask_png")]
@@ -145,7 +145,7 @@ def passing_rows(p: config.Prepare) -> Iterator[dict]:
         check_columns(f, pf)
         opened.append((f, pf))
     total = sum(pf.metadata.num_rows for _, pf in opened)
-    mask_png = manifest.encode_png(np.full((p.image_size, p.image_size), 255, np.uint8))
+    mask_png = manifest.full_mask(p.image_size)
     n = {"scanned": 0, "collection": 0, "quality": 0, "kept": 0}
     with stage.progress(total=total, desc="prepare: subjects200k", unit="pair") as bar:
         for where, index, image, d in islice(_scan(opened, p, n, bar), p.subset + p.val_subset if p.subset else None):

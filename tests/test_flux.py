@@ -46,6 +46,19 @@ def inputs(model: SubjectFlux, seed: int = 0):
     return torch.randn(x.shape, generator=g), torch.tensor([0.3, 0.8]), c
 
 
+def on_and_off(model: SubjectFlux, layer, x, t, c):
+    """The model's output with its adapters on, then off, and `layer`'s outputs in call order."""
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        on = model(x, t, c)
+        model.transformer.disable_adapters()
+        off = model(x, t, c)
+        model.transformer.enable_adapters()
+    hook.remove()
+    return on, off, seen
+
+
 def test_tokens_are_flux_pipeline_latents_packed(tiny):
     model = build(tiny)
     img = torch.rand(2, 3, PX, PX) * 2 - 1
@@ -78,26 +91,16 @@ def test_sft_lora_acts_on_the_condition_tokens_only(tiny):
                                                             "ff_context", "x_embedder", "norm"))
     assert not any(n.startswith("proj_out") for n in keys)        # the final projection reads no condition
     x, t, c = inputs(model)
-    seen = []      # the first double block's query projection over [noisy | condition]: with, then without LoRA
-    hook = model.transformer.transformer_blocks[0].attn.to_q.register_forward_hook(
-        lambda m, i, o: seen.append(o.detach()))
-    with torch.no_grad():
-        on = model(x, t, c)
-        model.transformer.disable_adapters()
-        off = model(x, t, c)
-        model.transformer.enable_adapters()
-        hook.remove()
-        n = x.shape[1]
-        # the LoRA's update is exactly zero on the noisy tokens and nonzero on the condition tokens
-        torch.testing.assert_close(seen[0][:, :n], seen[1][:, :n], rtol=0, atol=0)
-        assert (seen[0][:, n:] - seen[1][:, n:]).abs().max() > 1e-3
-        assert (on - off).abs().max() > 1e-4                      # ... and reaches the output through attention
-        # without condition tokens the routed LoRA has nothing to act on: the base model exactly
-        no_cond = Conditioning(None, c.txt, c.pooled)
-        a = model(x, t, no_cond)
-        model.transformer.disable_adapters()
-        b = model(x, t, no_cond)
-        model.transformer.enable_adapters()
+    # the first double block's query projection over [noisy | condition]: with, then without LoRA
+    on, off, seen = on_and_off(model, model.transformer.transformer_blocks[0].attn.to_q, x, t, c)
+    n = x.shape[1]
+    # the LoRA's update is exactly zero on the noisy tokens and nonzero on the condition tokens
+    torch.testing.assert_close(seen[0][:, :n], seen[1][:, :n], rtol=0, atol=0)
+    assert (seen[0][:, n:] - seen[1][:, n:]).abs().max() > 1e-3
+    assert (on - off).abs().max() > 1e-4                          # ... and reaches the output through attention
+    # without condition tokens the routed LoRA has nothing to act on: the base model exactly
+    a, b, _ = on_and_off(model, model.transformer.transformer_blocks[0].attn.to_q, x, t,
+                         Conditioning(None, c.txt, c.pooled))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -192,17 +195,9 @@ def test_a_released_style_lora_loads_routed_to_the_condition_branch(tiny, tmp_pa
     add_lora(model, SFT_ADAPTER, 1, 1.0, routed=True, weights=tmp_path / "omini" / "pytorch_lora_weights.safetensors")
     assert any("x_embedder" in n for n, _ in model.transformer.named_parameters() if ".sft." in n)
     x, t, c = inputs(model)
-    seen = []
-    hook = model.transformer.transformer_blocks[0].norm1.linear.register_forward_hook(
-        lambda m, i, o: seen.append(o.detach()))
-    with torch.no_grad():
-        on = model(x, t, c)
-        model.transformer.disable_adapters()
-        off = model(x, t, c)
-        a = model(x, t, Conditioning(None, c.txt, c.pooled))
-        model.transformer.enable_adapters()
-        b = model(x, t, Conditioning(None, c.txt, c.pooled))
-    hook.remove()
+    norm = model.transformer.transformer_blocks[0].norm1.linear
+    on, off, seen = on_and_off(model, norm, x, t, c)
+    a, b, _ = on_and_off(model, norm, x, t, Conditioning(None, c.txt, c.pooled))
     # AdaLN of the noisy branch (call 0 of each pass) untouched; of the condition branch (call 1) adapted
     torch.testing.assert_close(seen[0], seen[2], rtol=0, atol=0)
     assert (seen[1] - seen[3]).abs().max() > 1e-3

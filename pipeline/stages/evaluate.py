@@ -54,9 +54,7 @@ def main():
     inputs = [BENCH, BASE] + ([MODELS[name]] if MODELS[name] else [])
     fp = checkpoint.fingerprint({"sampler": sampler, "bench": {"seeds": bench_cfg.seeds}, "evaluate": cfg,
                                  "guidance": {"chosen": guidance}}, inputs, ignore=("evaluate.grid_subjects",))
-    work = checkpoint.WorkDir(f"checkpoints/evaluate-{name}", fp) if par.main else None
-    par.barrier()                        # the main process makes (or cleans) the work directory first
-    work = work or checkpoint.WorkDir(f"checkpoints/evaluate-{name}", fp)
+    work = par.work_dir(f"checkpoints/evaluate-{name}", fp)
 
     k = bench_cfg.seeds
     subject_refs, references = evaluation.subject_references(judges, BENCH, b["subjects"])

@@ -64,11 +64,6 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
     return rows
 
 
-def full_mask(size: int) -> bytes:
-    """The mask of an image with no known subject mask: all of it."""
-    return manifest.encode_png(np.full((size, size), 255, np.uint8))
-
-
 def embedded_refs(bench: list[dict]) -> list[dict]:
     """data/bench_refs of the embedded bench: each subject's one reference, from its first bench row (the
     attribute columns are that row's; target = the reference, mask = the whole image)."""
@@ -78,7 +73,7 @@ def embedded_refs(bench: list[dict]) -> list[dict]:
             key = r["id"].rsplit("-", 1)[0]   # bench-{subject:05d}
             size = manifest.decode_png(r["ref_png"], r["id"]).shape[0]
             refs[r["subject_id"]] = {**r, "id": f"{key}/ref0", "prompt": r["generic_prompt"],
-                                     "target_png": r["ref_png"], "mask_png": full_mask(size)}
+                                     "target_png": r["ref_png"], "mask_png": manifest.full_mask(size)}
     return list(refs.values())
 
 
@@ -101,7 +96,7 @@ def dreambench_rows(p: config.Prepare, b: config.Bench) -> tuple[list[dict], lis
     """data/bench and data/bench_refs from DreamBench. Bench: one row per (subject, prompt), ref = the subject's
     first photo; DreamBench has no ground truth, so target_png is the same photo and the mask the whole image."""
     bench = dreambench.load(b.dreambench_root or None, b.seeds)
-    mask = full_mask(p.image_size)
+    mask = manifest.full_mask(p.image_size)
     rows, refs = [], []
     for i, s in enumerate(stage.progress(bench.subjects, desc="prepare: dreambench")):
         photos = [square_png(f, p.image_size) for f in s.images]

@@ -179,18 +179,12 @@ def main():
         fp_params, inputs = {"sfo": cfg, "loss": loss_cfg, "train": tcfg}, [DATA, NEGATIVES, BASE]
     local = par.local(cfg.pairs_per_step)
     model, reference, params = policy_and_reference(cfg)
-    if par.main:      # the work directory is the main process's; the others read its checkpoints
-        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every", "train.processes")))
-    par.barrier()
-    if not par.main:
-        work = checkpoint.WorkDir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=("train.checkpoint_every", "train.processes")))
+    work = par.work_dir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=checkpoint.TRAIN_IGNORED))
     cuda = par.device.type == "cuda"
     if reference is not None:
         reference.to(par.device)
     policy = par.wrap(model)
-    if cuda and model.cfg.gradient_checkpointing and model.cfg.backbone == "flux":
-        model.transformer.enable_gradient_checkpointing()
-    speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
+    speed_options(model, tcfg, cuda)
     opt = stage.optimizer(cfg.optimizer, params, cfg.lr)
     pos, neg, refs = (encode_all(model, x, f"{run}: encode {k}") for k, x in (("positives", pos), ("negatives", neg),
                                                                              ("references", refs)))
@@ -207,8 +201,7 @@ def main():
                    tcfg.enabled("bf16", cuda), par.size)
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
-    bar = stage.progress(range(start, cfg.steps), desc=run, initial=start, total=cfg.steps,
-                         **({} if par.main else {"disable": True}))
+    bar = par.progress(range(start, cfg.steps), desc=run, initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.pairs_per_step,), generator=g)       # the global batch, same on every process
         eps = torch.randn((cfg.pairs_per_step, *pos.shape[1:]), generator=g)

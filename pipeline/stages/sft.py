@@ -87,17 +87,11 @@ def main():
         params = list(model.transformer.parameters())
     steps = 0 if cfg.init_lora else cfg.steps
     local = par.local(cfg.batch_size)
-    fp = checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA], ignore=("train.checkpoint_every", "train.processes"))
-    if par.main:
-        work = checkpoint.WorkDir(WORK, fp)
-    par.barrier()
-    if not par.main:
-        work = checkpoint.WorkDir(WORK, fp)
+    work = par.work_dir(WORK, checkpoint.fingerprint({"model": mcfg, "sft": cfg, "train": tcfg}, [DATA],
+                                                     ignore=checkpoint.TRAIN_IGNORED))
     cuda = par.device.type == "cuda"
     policy = par.wrap(model)
-    if cuda and mcfg.gradient_checkpointing and mcfg.backbone == "flux":
-        model.transformer.enable_gradient_checkpointing()
-    speed_options(model, tcfg.enabled("compile", cuda), tcfg.enabled("bf16", cuda))
+    speed_options(model, tcfg, cuda)
     # Tokens of every image and embeddings of every prompt, computed once (at real scale: VAE and T5/CLIP).
     targets, refs = encode_all(model, targets, "sft: encode targets"), encode_all(model, refs, "sft: encode references")
     blurred = [encode_all(model, b, "sft: encode blurred references") for b in blurred]
@@ -118,8 +112,7 @@ def main():
     rows, window = state.get("rows", []), state.get("window", [])
     bins = state.get("bins", [[] for _ in range(T_BINS)])
     model.train()
-    bar = stage.progress(range(start, steps), desc="sft", initial=start, total=steps,
-                         **({} if par.main else {"disable": True}))
+    bar = par.progress(range(start, steps), desc="sft", initial=start, total=steps)
     dev = par.device
     for step in bar:
         for group in opt.param_groups:
