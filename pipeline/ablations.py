@@ -338,7 +338,23 @@ def headline(done: dict) -> list[str]:
             met = ("yes" if test(mean, sd) else "**no**") if diff == "sfo_minus_sft" else ""
             lines.append(f"| {diff.replace('_minus_', ' − ')} | {m} | " + " | ".join(f"{v:+.4f}" for v in vals)
                          + f" | {mean:+.4f} ± {sd:.4f} | {bar if diff == 'sfo_minus_sft' else ''} | {met} |")
-    return lines + [""]
+    return lines + [""] + headroom(runs)
+
+
+def headroom(runs: list[dict]) -> list[str]:
+    """How far the SFT base is from the ground-truth renders (`oracle`: the ceiling of each measure on these
+    judges), and how much of that gap SFO closes: a gain can be no larger than the gap it closes."""
+    if not all("oracle" in r["metrics"] for r in runs):
+        return []
+    parts = []
+    for m in ("dino", "id_acc"):
+        gap = mean_sd([r["metrics"]["oracle"][m] - r["metrics"]["sft"][m] for r in runs])[0]
+        gain = mean_sd([r["metrics"]["sfo_minus_sft"][m] for r in runs])[0]
+        parts.append(f"{m}: ground truth {runs[0]['metrics']['oracle'][m]:.4f}, the SFT base {gap:+.4f} below it, "
+                     f"SFO closes {100 * gain / gap:.0f} % of that gap" if gap > 0 else
+                     f"{m}: the SFT base already scores at or above the ground truth ({gap:+.4f})")
+    return ["Headroom (`oracle` of `reports/metrics.json`, the ground-truth renders scored by the same judges; "
+            "mean over the seeds): " + "; ".join(parts) + ".", ""]
 
 
 def fmt(x: tuple[float, float, int], seeds: int) -> str:

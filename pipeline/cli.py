@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ConfigError
 
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images of a reference subject in a prompt's context",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", required=True, help="models/sft or models/sfo (a directory a stage wrote)")
-    g.add_argument("--ref", required=True, help="the subject's reference image (any format PIL reads)")
+    g.add_argument("--ref", required=True, help="the subject's reference image (any format PIL reads; a non-square one is centre-cropped)")
     g.add_argument("--prompt", required=True, help="the context, e.g. 'a photo of a circle on a beach'")
     g.add_argument("--out", required=True, help="output PNG; with --num-images N > 1, OUT-0.png ... OUT-(N-1).png")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image k uses seed + k)")
@@ -47,7 +47,7 @@ def load_reference(path: str, size: int) -> np.ndarray:
             img = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return np.asarray(img.resize((size, size), Image.BICUBIC))
+    return np.asarray(ImageOps.fit(img, (size, size), Image.BICUBIC))   # centre crop to a square, then resize
 
 
 def default_guidance() -> tuple[float, str]:

@@ -67,3 +67,16 @@ def test_generate_refuses_bad_input(smoke_repo, drawn_png, tmp_path, change, mes
     p = sfo(smoke_repo, *[v for kv in args.items() for v in kv])
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_non_square_reference_is_centre_cropped_not_squashed(tmp_path):
+    """A 60 x 20 strip: blue 20 px at each end, a red 20 x 20 square in the middle. Cropped, only red is left;
+    squashed to a square, a third of it would be blue."""
+    from pipeline.cli import load_reference
+    img = np.zeros((20, 60, 3), np.uint8)
+    img[:, :20] = img[:, 40:] = (0, 0, 255)
+    img[:, 20:40] = (255, 0, 0)
+    Image.fromarray(img).save(tmp_path / "strip.png")
+    ref = load_reference(str(tmp_path / "strip.png"), 32)
+    assert ref.shape == (32, 32, 3)
+    assert ref[..., 0].min() > 200 and ref[..., 2].max() < 50

@@ -24,8 +24,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import shutil
-import sys
 
 import numpy as np
 import torch
@@ -159,10 +159,8 @@ def policy_and_reference(cfg: config.Sfo) -> tuple[SubjectFlux, SubjectFlux | No
     return model, reference, list(model.transformer.parameters())
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--control", action="store_true", help="train the SFT-additional control (stage `control`)")
-    run = "control" if parser.parse_args().control else "sfo"
+def main(run: str):
+    """`run` is "sfo" or "control" (the DVC stage)."""
     out_dir, curve, work_dir = OUTPUTS[run]
     cfg, loss_cfg, tcfg, cdns_cfg, sft_cfg = config.load("sfo", "loss", "train", "cdns", "sft")
     distributed.relaunch_if_needed(tcfg.processes, "pipeline.stages.sfo")
@@ -246,4 +244,7 @@ def main():
 
 
 if __name__ == "__main__":
-    stage.run("control" if "--control" in sys.argv else "sfo", main)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--control", action="store_true", help="train the SFT-additional control (stage `control`)")
+    which = "control" if parser.parse_args().control else "sfo"
+    stage.run(which, functools.partial(main, which))
