@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -252,6 +253,14 @@ def finished() -> dict[str, dict]:
     return out
 
 
+def start_workers(jobs: int):
+    """`dvc queue start`. Its worker is a daemon that inherits the caller's stdout/stderr: capturing them would
+    wait for it. It finds `dvc` on PATH, so the interpreter's bin directory goes first."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
     done, plan = finished(), planned(tables)
     todo = {n: ov for n, ov in plan.items() if force or n not in done}
@@ -265,9 +274,7 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
     for name, ov in todo.items():
         dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
     start = time.time()
-    # the queue's worker is a daemon that inherits the caller's stdout/stderr: capturing them would wait for it
-    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start_workers(jobs)
     bar = stage.progress(total=len(todo), desc="ablations")
     while True:
         status = dvc("queue", "status", check=False).stdout
@@ -276,6 +283,10 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
         bar.update(now_done - bar.n)
         if not waiting:
             break
+        if "Worker status: 0 active, 0 idle" in status:
+            # seen on dvc 3.67: a worker can exit with experiments still queued (after an earlier `dvc queue stop`)
+            stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", waiting)
+            start_workers(jobs)
         time.sleep(10)
     bar.close()
     dvc("queue", "stop", check=False)                 # the idle worker would otherwise stay behind
@@ -350,7 +361,7 @@ def headroom(runs: list[dict]) -> list[str]:
     for m in ("dino", "id_acc"):
         gap = mean_sd([r["metrics"]["oracle"][m] - r["metrics"]["sft"][m] for r in runs])[0]
         gain = mean_sd([r["metrics"]["sfo_minus_sft"][m] for r in runs])[0]
-        parts.append(f"{m}: ground truth {runs[0]['metrics']['oracle'][m]:.4f}, the SFT base {gap:+.4f} below it, "
+        parts.append(f"{m}: ground truth {runs[0]['metrics']['oracle'][m]:.4f}, the SFT base {gap:.4f} below it, "
                      f"SFO closes {100 * gain / gap:.0f} % of that gap" if gap > 0 else
                      f"{m}: the SFT base already scores at or above the ground truth ({gap:+.4f})")
     return ["Headroom (`oracle` of `reports/metrics.json`, the ground-truth renders scored by the same judges; "

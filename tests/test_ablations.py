@@ -169,7 +169,7 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
     assert "| sfo − sft | dino | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | >= +0.03 and > 2 SD | yes |" in text
     assert "| sfo − sft | id_acc | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | >= +0.05 and > 2 SD | **no** |" in text
     assert "| sfo − sft | subject_mse | +0.0400 | +0.0410 | +0.0420 | +0.0410 ± 0.0010 | < 0 | **no** |" in text
-    assert "ground truth 0.7000, the SFT base +0.1000 below it, SFO closes 41 % of that gap" in text
+    assert "ground truth 0.7000, the SFT base 0.1000 below it, SFO closes 41 % of that gap" in text
     assert "| SFT base (no further training) | `default-s{0,1,2}` (sft) | 0.652 | 0.795 | 0.329 | 0.6000 ± 0.0000" in text
     assert "| SFT-additional (extra LoRA, SFT loss on positives) | `default-s{0,1,2}` (control) | 0.650 | 0.794 | 0.330 | " \
            "0.6200 ± 0.0100" in text
