@@ -186,16 +186,34 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
 
 def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
     """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
-    run as experiments, and a second run finds them all done."""
+    run as experiments, and a second run finds them all done. The queue's worker is stopped while the first
+    experiment runs (`dvc queue stop` lets it finish that one and exit): ablations must start a new one."""
     import subprocess
     import sys
-    from conftest import run
+    import time
+    from conftest import run, stage_env
     repo = tmp_path / "repo"
     shutil.copytree(smoke_repo, repo, symlinks=True)
     run(["git", "checkout", "-q", "--", "."], repo)
     run([sys.executable, "-m", "dvc", "checkout", "-f"], repo, check=False)
-    p = run([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], repo)
-    assert "3 experiments planned, 0 already on this commit, 3 to run" in p.stderr, p.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], cwd=repo,
+                            env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, check=False).stdout
+        if any(line.endswith("Running") for line in status.splitlines()):
+            break
+        time.sleep(1)
+    assert "Queued" in status, status                  # experiments still wait when the worker goes
+    run([sys.executable, "-m", "dvc", "queue", "stop"], repo)
+    try:
+        out, err = proc.communicate(timeout=900)       # without a new worker it would wait for ever
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "3 experiments planned, 0 already on this commit, 3 to run" in err, err[-3000:]
+    assert "no DVC queue worker is left" in err, err[-3000:]
     names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names)
     text = (repo / "reports/ablations.md").read_text()
