@@ -284,7 +284,7 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
         if not waiting:
             break
         if "Worker status: 0 active, 0 idle" in status:
-            # seen on dvc 3.67: a worker can exit with experiments still queued (after an earlier `dvc queue stop`)
+            # seen on dvc 3.67: a worker can exit with experiments still queued (e.g. after `dvc queue stop`)
             stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", waiting)
             start_workers(jobs)
         time.sleep(10)

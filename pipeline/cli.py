@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images of a reference subject in a prompt's context",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", required=True, help="models/sft or models/sfo (a directory a stage wrote)")
-    g.add_argument("--ref", required=True, help="the subject's reference image (any format PIL reads; a non-square one is centre-cropped)")
+    g.add_argument("--ref", required=True,
+                   help="the subject's reference image (any format PIL reads; a non-square one is centre-cropped)")
     g.add_argument("--prompt", required=True, help="the context, e.g. 'a photo of a circle on a beach'")
     g.add_argument("--out", required=True, help="output PNG; with --num-images N > 1, OUT-0.png ... OUT-(N-1).png")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the first image (image k uses seed + k)")

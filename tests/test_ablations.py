@@ -198,7 +198,7 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     run([sys.executable, "-m", "dvc", "checkout", "-f"], repo, check=False)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], cwd=repo,
                             env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline, status = time.time() + 300, ""
     while time.time() < deadline and proc.poll() is None:
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, check=False).stdout
         if any(line.endswith("Running") for line in status.splitlines()):
