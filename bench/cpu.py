@@ -137,15 +137,6 @@ def bench_prompts(model, n: int, seed: int = 0) -> list[str]:
     return [world.prompt(s, world.sample_context(rng)) for s in world.sample_subjects(rng, n)]
 
 
-def own_peak_rss_mb() -> float:
-    """This process's high-water resident memory (VmHWM). Not ru_maxrss: Linux carries the parent's RSS at
-    fork into a child's ru_maxrss, so a child of a large parent reports the parent's size."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return stage.peak_rss_mb()
-
-
 def memory_process(kind: str, steps: int = 40):
     """A training process doing `steps` steps of a stage at its default batch (40: glibc's heap keeps growing for
     the first ~10-30 steps, then plateaus); prints its peak RSS in MB.
@@ -170,7 +161,7 @@ def memory_process(kind: str, steps: int = 40):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    print(json.dumps({"kind": kind, "batch": n, "peak_rss_mb": own_peak_rss_mb()}))
+    print(json.dumps({"kind": kind, "batch": n, "peak_rss_mb": stage.peak_rss_mb()}))
 
 
 def peak_mb(kind: str, runs: int) -> dict:

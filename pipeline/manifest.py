@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -88,15 +89,41 @@ def write_table_atomic(table: pa.Table, path: str | Path):
     os.replace(tmp, path)
 
 
-def write_shards(rows: list[dict], directory: str | Path, schema: pa.Schema, shard_rows: int) -> list[Path]:
-    directory = Path(directory)
-    paths = []
-    for k, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
-        chunk = rows[start:start + shard_rows]
-        path = directory / f"shard-{k:05d}.parquet"
-        write_table_atomic(pa.Table.from_pylist(chunk, schema=schema), path)
-        paths.append(path)
-    return paths
+class ShardWriter:
+    """Rows to `directory/shard-00000.parquet`, `shard-00001.parquet`, ...: a shard is written as soon as it
+    holds `shard_rows` rows, so a stream (a real-scale source) is never held in memory whole. `close` writes
+    the rest, and one empty shard for no rows, so a reader always finds the directory."""
+
+    def __init__(self, directory: str | Path, schema: pa.Schema, shard_rows: int):
+        self.directory, self.schema, self.shard_rows = Path(directory), schema, shard_rows
+        self.buffer: list[dict] = []
+        self.paths: list[Path] = []
+        self.rows = 0
+
+    def add(self, row: dict):
+        self.buffer.append(row)
+        self.rows += 1
+        if len(self.buffer) == self.shard_rows:
+            self._flush()
+
+    def _flush(self):
+        path = self.directory / f"shard-{len(self.paths):05d}.parquet"
+        write_table_atomic(pa.Table.from_pylist(self.buffer, schema=self.schema), path)
+        self.paths.append(path)
+        self.buffer = []
+
+    def close(self) -> list[Path]:
+        if self.buffer or not self.paths:
+            self._flush()
+        return self.paths
+
+
+def write_shards(rows: Iterable[dict], directory: str | Path, schema: pa.Schema, shard_rows: int) -> list[Path]:
+    """All of `rows` as shards of `shard_rows` rows (`ShardWriter`); returns the shard paths."""
+    writer = ShardWriter(directory, schema, shard_rows)
+    for row in rows:
+        writer.add(row)
+    return writer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

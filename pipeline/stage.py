@@ -60,8 +60,18 @@ def optimizer(kind: str, params: list, lr: float, weight_decay: float = 0.0) -> 
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak resident memory in MB: VmHWM on Linux. Not ru_maxrss, which Linux carries over
+    from the parent at fork and exec, so a stage started by `dvc` would report at least dvc's size. Elsewhere
+    ru_maxrss (bytes on macOS, KiB on other Unix)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def write_json(path: str | Path, obj) -> Path:

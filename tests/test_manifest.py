@@ -67,3 +67,20 @@ def test_missing_column_wrong_type_missing_file(rows, tmp_path):
 def test_writes_leave_no_temporary_files(rows, tmp_path):
     write(rows, tmp_path / "m")
     assert not [p for p in (tmp_path / "m").iterdir() if ".tmp-" in p.name]
+
+
+def test_shard_writer_streams_and_prepare_splits_use_it(rows, tmp_path):
+    writer = manifest.ShardWriter(tmp_path / "s", manifest.TRIPLET_SCHEMA, shard_rows=4)
+    for r in rows[:4]:
+        writer.add(r)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["shard-00000.parquet"]   # written before close
+    for r in rows[4:]:
+        writer.add(r)
+    assert [p.name for p in writer.close()] == ["shard-00000.parquet", "shard-00001.parquet"] and writer.rows == 6
+    assert manifest.read(tmp_path / "s").column("id").to_pylist() == [r["id"] for r in rows]
+    # the prepare stage's stream of (split, row): one writer per split, an empty split still gets its shard
+    n = prepare.write_splits(((("a", "b")[i % 2], r) for i, r in enumerate(rows)),
+                             {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"}, shard_rows=2)
+    assert n == {"a": 3, "b": 3, "c": 0}
+    assert [manifest.read(tmp_path / d).num_rows for d in "abc"] == [3, 3, 0]
+    assert len(list((tmp_path / "a").iterdir())) == 2

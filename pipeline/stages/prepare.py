@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, ImageOps
 
 from .. import config, dreambench, manifest, stage, subjects200k, world
@@ -110,24 +109,13 @@ def dreambench_rows(p: config.Prepare, b: config.Bench) -> tuple[list[dict], lis
 
 
 def write_splits(items: Iterable[tuple[str, dict]], dirs: dict[str, str], shard_rows: int) -> dict[str, int]:
-    """`manifest.write_shards` for a stream of (split, row): a split's shard is written as soon as it has
-    `shard_rows` rows, so a real-scale source is never held in memory whole. Returns the rows per split."""
-    buf, shards, count = ({s: [] for s in dirs}, {s: 0 for s in dirs}, {s: 0 for s in dirs})
-
-    def flush(s):
-        manifest.write_table_atomic(pa.Table.from_pylist(buf[s], schema=manifest.TRIPLET_SCHEMA),
-                                    Path(dirs[s]) / f"shard-{shards[s]:05d}.parquet")
-        buf[s], shards[s] = [], shards[s] + 1
-
+    """A stream of (split, row) into one `manifest.ShardWriter` per split; returns the rows per split."""
+    writers = {s: manifest.ShardWriter(d, manifest.TRIPLET_SCHEMA, shard_rows) for s, d in dirs.items()}
     for s, row in items:
-        buf[s].append(row)
-        count[s] += 1
-        if len(buf[s]) == shard_rows:
-            flush(s)
-    for s in dirs:
-        if buf[s] or not shards[s]:   # like write_shards: at least one (maybe empty) shard
-            flush(s)
-    return count
+        writers[s].add(row)
+    for w in writers.values():
+        w.close()
+    return {s: w.rows for s, w in writers.items()}
 
 
 def main():
