@@ -111,20 +111,24 @@ class Route:
         self.masks: dict[int, torch.Tensor] = {}
         self.cond_index: int | None = None
         self.current = 0.0        # for inputs with no token axis (an AdaLN's embedding): the branch being modulated
+        self.like = {}            # device and dtype of the masks: those of the model's input
 
-    def set(self, txt_len: int, sizes: list[int], has_cond: bool):
+    def set(self, txt_len: int, sizes: list[int], has_cond: bool, like: torch.Tensor | None = None):
+        """The layout of one call of the model. The masks are made on `like`'s device and in its dtype, so
+        that no adapted layer copies one from the host (a synchronising copy per layer and call on a GPU)."""
         self.masks, self.cond_index, self.current = {}, (len(sizes) - 1 if has_cond else None), 0.0
+        self.like = {} if like is None else {"device": like.device, "dtype": like.dtype}
         if has_cond:
-            flags = [torch.full((n,), float(i == self.cond_index)) for i, n in enumerate(sizes)]
+            flags = [torch.full((n,), float(i == self.cond_index), **self.like) for i, n in enumerate(sizes)]
             image = torch.cat(flags)
             self.masks[len(image)] = image[None, :, None]
-            self.masks[txt_len + len(image)] = torch.cat([torch.zeros(txt_len), image])[None, :, None]
+            self.masks[txt_len + len(image)] = torch.cat([torch.zeros(txt_len, **self.like), image])[None, :, None]
 
     def branch(self, index: int, n: int | None):
         """Branch `index` (-1: text) is next, alone, through per-branch layers (`n` tokens; None: no token axis)."""
         self.current = float(index == self.cond_index)
         if n is not None:
-            self.masks[n] = torch.full((1, n, 1), self.current)
+            self.masks[n] = torch.full((1, n, 1), self.current, **self.like)
 
 
 class RoutedInput(torch.nn.Module):
@@ -139,7 +143,7 @@ class RoutedInput(torch.nn.Module):
     def forward(self, x):
         if x.dim() == 2:                                  # (B, D): a per-branch embedding, e.g. AdaLN's
             return x * self.route.current
-        m = self.route.masks.get(x.shape[-2])
+        m = self.route.masks.get(x.shape[-2])            # made on x's device and dtype: `.to` is a no-op
         return x * m.to(x.device, x.dtype) if m is not None else torch.zeros_like(x)
 
 
@@ -290,7 +294,7 @@ class SubjectFlux(torch.nn.Module):
         tr, route = self.transformer, self.route
         if route is not None:         # token layout for a LoRA routed to the condition tokens (backbone flux)
             route.set(c.txt.shape[1], [x_t.shape[1]] + ([c.cond.shape[1]] if c.cond is not None else []),
-                      c.cond is not None)
+                      c.cond is not None, like=x_t)
         temb = self._temb(t.to(x_t.dtype), c.pooled)                                      # noisy branch and text
         txt = tr.context_embedder(c.txt)
         if route is not None:

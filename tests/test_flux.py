@@ -104,6 +104,22 @@ def test_sft_lora_acts_on_the_condition_tokens_only(tiny):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_route_masks_are_made_where_the_input_lives(tiny):
+    """The routing masks are built once per call on the input's device and in its dtype: on a GPU a host mask
+    costs each adapted layer a synchronising copy (bench/gpu_flux.py --sft-lora). Checked here with float64."""
+    model = build(tiny).double()
+    add_lora(model, SFT_ADAPTER, 4, 4.0, routed=True)
+    randomize(model, SFT_ADAPTER, 1)
+    x, t, c = inputs(model)
+    c = Conditioning(c.cond.double(), c.txt.double(), c.pooled.double())
+    with torch.no_grad():
+        model(x.double(), t.double(), c)
+    masks = model.route.masks
+    assert masks and all(m.dtype == torch.float64 and m.device == x.device for m in masks.values())
+    n = x.shape[1]
+    assert masks[2 * n][0, :n].eq(0).all() and masks[2 * n][0, n:].eq(1).all()   # [noisy | condition]
+
+
 def test_sfo_reference_is_the_sft_lora_alone_and_stays_frozen(tiny, tmp_path):
     model = build(tiny)
     add_lora(model, SFT_ADAPTER, 4, 4.0, routed=True)
