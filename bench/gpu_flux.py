@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro", type=int, default=2, help="also time SFO at P > MICRO in micro-batches of MICRO pairs")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep every activation (more memory)")
+    ap.add_argument("--sft-lora", choices=("routed", "all"), default="routed",
+                    help="routed: the SFT LoRA on the layers that read condition tokens, acting on them alone (as "
+                         "`sft` trains it); all: on every linear layer and every token (the table before routing)")
     ap.add_argument("--out", default="reports/bench_gpu.json")
     args = ap.parse_args()
     device = args.device
@@ -125,7 +128,7 @@ def main():
     n_params = sum(p.numel() for p in model.transformer.parameters())
     print(f"built {n_params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
     tr = model.transformer
-    sft_params = add_lora(model, "sft", 4, 4, routed=True)      # OminiControl: condition tokens only, as `sft` trains it
+    sft_params = add_lora(model, "sft", 4, 4, routed=args.sft_lora == "routed")   # OminiControl: condition tokens only
     sfo_params = add_lora(model, "sfo", 16, 16)
     opt_sft = torch.optim.AdamW(sft_params, lr=1e-4)
     opt_sfo = torch.optim.AdamW(sfo_params, lr=1e-4)
@@ -182,6 +185,7 @@ def main():
                "image_px": args.size, "image_tokens": (model.image_size // 2) ** 2,
                "condition_tokens": (model.image_size // 2) ** 2, "text_tokens": model.cfg.max_text_len,
                "gradient_checkpointing": bool(tr.is_gradient_checkpointing), "lora": {"sft": 4, "sfo": 16},
+               "sft_lora": args.sft_lora,
                "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")     # after every P: a timeout keeps the rest
