@@ -2,7 +2,7 @@
 
 Reads params `world` (image size, jitter) and `judges`. Writes `models/judges/{dino,clip,reader}` and
 `reports/judges.json` (their own quality on held-out renders: identity retrieval, text-to-image retrieval,
-per-attribute accuracy).
+per-attribute accuracy, and what one identity error costs in the DINO measure, `near_miss_costs`).
 
 With `judges.source: pretrained` (real scale) nothing is trained: the DINO and CLIP of `judges.dino` and
 `judges.clip` (hub ids or local folders, checked first) are saved with their processors and tokenizer to
@@ -12,6 +12,7 @@ processors, reference pairing, embeddings). `reports/judges.json` holds the same
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -142,9 +143,47 @@ def main():
     shutil.rmtree(OUT_DIR, ignore_errors=True)   # no judges.json of an earlier pretrained run may stay
     judges.save(OUT_DIR)
     report = evaluate_judges(judges, val)
+    # its own generator: the renders, the training and the saved judges stay what they were without it
+    report.update(near_miss_costs(lambda x: dino_embed(judges.dino, x), w, j.val_renders,
+                                  np.random.default_rng(j.seed + 1)))
     stage.log.info("judges: held-out quality %s", {k: round(v, 3) for k, v in report.items() if k != "n"})
     stage.write_json(REPORT, report)
     return [OUT_DIR, REPORT]
+
+
+# every identity field of a subject and its values (world.Subject holds indices into these)
+SUBJECT_FIELDS = {"cls": world.CLASSES, "body_color": world.BODY_COLORS, "pattern": world.PATTERNS,
+                  "pattern_color": world.PATTERN_COLORS, "pattern_scale": world.PATTERN_SCALES,
+                  "pattern_angle": world.PATTERN_ANGLES, "mark_corner": world.MARK_CORNERS,
+                  "mark_color": world.MARK_COLORS}
+
+
+def near_miss(subject: world.Subject, field: str, rng: np.random.Generator) -> world.Subject:
+    """`subject` with one identity error: `field` changed to another of its values, all else kept."""
+    n = len(SUBJECT_FIELDS[field])
+    return dataclasses.replace(subject, **{field: (getattr(subject, field) + int(rng.integers(1, n))) % n})
+
+
+@torch.no_grad()
+def near_miss_costs(embed, w: config.World, n: int, rng: np.random.Generator) -> dict:
+    """What one identity error costs in the DINO measure: for `n` fresh subjects, cos(reference, target) minus
+    cos(reference, the target of the same subject with one field changed, in the same context), per field, and
+    how often the true target is the closer one. `embed`: float pixels (N, 3, H, W) -> embeddings."""
+    subjects = world.sample_subjects(rng, n)
+    ctxs = [world.sample_context(rng) for _ in subjects]
+    ref = embed(to_pixels(np.stack([world.render(s, c, w.image_size, reference=True,
+                                                 reference_size=w.reference_size)[0] for s, c in zip(subjects, ctxs)])))
+
+    def cos_to_ref(subs):
+        targets = np.stack([world.render(s, c, w.image_size)[0] for s, c in zip(subs, ctxs)])
+        return F.cosine_similarity(ref, embed(to_pixels(targets)))
+    true = cos_to_ref(subjects)
+    out = {"dino_ref_target_cos": float(true.mean())}
+    for field in SUBJECT_FIELDS:
+        miss = cos_to_ref([near_miss(s, field, rng) for s in subjects])
+        out[f"dino_near_miss_cost_{field}"] = float((true - miss).mean())
+        out[f"dino_near_miss_true_closer_{field}"] = float((true > miss).float().mean())
+    return out
 
 
 @torch.no_grad()
