@@ -42,11 +42,9 @@ def degrade_image(ref: np.ndarray, target: np.ndarray, kind: str, blur_radius: f
 
 def perturbed_prompt(cls: int, ctx: world.Context, rng: np.random.Generator) -> str:
     """The prompt of the same class with one context attribute (background, position or size) changed."""
-    attr = ("background", "position", "size")[rng.integers(3)]
-    n = len(world.CONTEXT_ATTRS[attr])
-    value = (getattr(ctx, attr) + 1 + rng.integers(n - 1)) % n          # any other value
+    attr = tuple(world.CONTEXT_ATTRS)[rng.integers(len(world.CONTEXT_ATTRS))]
     subject = world.Subject(cls, 0, 0, 0, 0, 0, 0, 0)                    # prompts name the class only
-    return world.prompt(subject, world.Context(**{**ctx.__dict__, attr: int(value)}))
+    return world.prompt(subject, world.with_other_value(ctx, attr, rng))
 
 
 def degrade_text(prompt: str, generic_prompt: str, kind: str, cls: int, ctx: world.Context,

@@ -13,7 +13,7 @@ pure function of its seeds.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -38,12 +38,17 @@ POSITION_PHRASES = {"left": "on the left", "center": "in the middle", "right": "
 SIZES = {"small": 0.19, "large": 0.28}                       # radius as a fraction of the width
 REFERENCE_BACKGROUND = (190, 190, 190)
 
-# Attributes the judges read and the metrics score: identity (id_acc) and context (ctx_acc).
-IDENTITY_ATTRS = {"cls": CLASSES, "body_color": tuple(BODY_COLORS), "pattern": PATTERNS,
-                  "pattern_color": tuple(PATTERN_COLORS), "mark_corner": MARK_CORNERS,
-                  "mark_color": tuple(MARK_COLORS)}
+# Every field of a Subject (in its order) and of a Context, with its values: the dataclasses below hold indices
+# into these. Sampling and one-field changes (near misses, swapped context attributes) read them from here.
+SUBJECT_FIELDS = {"cls": CLASSES, "body_color": tuple(BODY_COLORS), "pattern": PATTERNS,
+                  "pattern_color": tuple(PATTERN_COLORS), "pattern_scale": PATTERN_SCALES,
+                  "pattern_angle": PATTERN_ANGLES, "mark_corner": MARK_CORNERS, "mark_color": tuple(MARK_COLORS)}
 CONTEXT_ATTRS = {"background": tuple(BACKGROUNDS), "position": tuple(POSITIONS), "size": tuple(SIZES)}
+# Attributes the judges read and the metrics score: identity (id_acc) and context (ctx_acc).
+IDENTITY_ATTRS = {k: SUBJECT_FIELDS[k] for k in ("cls", "body_color", "pattern", "pattern_color", "mark_corner",
+                                                 "mark_color")}
 ATTRS = {**IDENTITY_ATTRS, **CONTEXT_ATTRS}
+FIELDS = {**SUBJECT_FIELDS, **CONTEXT_ATTRS}
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,7 @@ class Context:
 
 
 def sample_subject(rng: np.random.Generator) -> Subject:
-    return Subject(cls=int(rng.integers(len(CLASSES))), body_color=int(rng.integers(len(BODY_COLORS))),
-                   pattern=int(rng.integers(len(PATTERNS))),
-                   pattern_color=int(rng.integers(len(PATTERN_COLORS))),
-                   pattern_scale=int(rng.integers(len(PATTERN_SCALES))),
-                   pattern_angle=int(rng.integers(len(PATTERN_ANGLES))),
-                   mark_corner=int(rng.integers(len(MARK_CORNERS))),
-                   mark_color=int(rng.integers(len(MARK_COLORS))))
+    return Subject(**{k: int(rng.integers(len(v))) for k, v in SUBJECT_FIELDS.items()})
 
 
 def sample_subjects(rng: np.random.Generator, n: int, exclude: set | frozenset = frozenset()) -> list[Subject]:
@@ -96,8 +95,14 @@ def sample_subjects(rng: np.random.Generator, n: int, exclude: set | frozenset =
 
 
 def sample_context(rng: np.random.Generator) -> Context:
-    return Context(background=int(rng.integers(len(BACKGROUNDS))), position=int(rng.integers(len(POSITIONS))),
-                   size=int(rng.integers(len(SIZES))))
+    return Context(**{k: int(rng.integers(len(v))) for k, v in CONTEXT_ATTRS.items()})
+
+
+def with_other_value(obj: Subject | Context, field: str, rng: np.random.Generator) -> Subject | Context:
+    """`obj` with `field` set to another of its values, drawn uniformly, all else kept: one identity error (a
+    near miss) for a Subject, one swapped context attribute (a hallucinated caption) for a Context."""
+    n = len(FIELDS[field])
+    return replace(obj, **{field: (getattr(obj, field) + int(rng.integers(1, n))) % n})
 
 
 def all_contexts() -> list[Context]:

@@ -1,10 +1,32 @@
 """The embedded world: deterministic, prompts without identity details, train and bench disjoint."""
+import dataclasses
+
 import numpy as np
 
 from pipeline import config, world
 from pipeline.stages import prepare
 
 IDENTITY_WORDS = {*world.BODY_COLORS, *world.PATTERNS, *world.PATTERN_COLORS, *world.MARK_COLORS, "mark", "with"}
+
+
+def test_the_field_tables_match_the_dataclasses():
+    assert list(world.SUBJECT_FIELDS) == [f.name for f in dataclasses.fields(world.Subject)]
+    assert list(world.CONTEXT_ATTRS) == [f.name for f in dataclasses.fields(world.Context)]
+    assert set(world.IDENTITY_ATTRS) <= set(world.SUBJECT_FIELDS)
+
+
+def test_with_other_value_changes_exactly_that_field_to_any_other_value():
+    rng = np.random.default_rng(0)
+    objs = world.sample_subjects(rng, 20) + [world.sample_context(rng) for _ in range(20)]
+    for obj in objs:
+        fields = [f.name for f in dataclasses.fields(obj)]
+        for field in fields:
+            seen = set()
+            for _ in range(40):
+                m = world.with_other_value(obj, field, rng)
+                assert [f for f in fields if getattr(m, f) != getattr(obj, f)] == [field]
+                seen.add(getattr(m, field))
+            assert seen == set(range(len(world.FIELDS[field]))) - {getattr(obj, field)}, field
 
 
 def test_renders_are_a_pure_function_of_the_seed():

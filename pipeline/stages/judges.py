@@ -12,7 +12,6 @@ processors, reference pairing, embeddings). `reports/judges.json` holds the same
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import numpy as np
@@ -151,19 +150,6 @@ def main():
     return [OUT_DIR, REPORT]
 
 
-# every identity field of a subject and its values (world.Subject holds indices into these)
-SUBJECT_FIELDS = {"cls": world.CLASSES, "body_color": world.BODY_COLORS, "pattern": world.PATTERNS,
-                  "pattern_color": world.PATTERN_COLORS, "pattern_scale": world.PATTERN_SCALES,
-                  "pattern_angle": world.PATTERN_ANGLES, "mark_corner": world.MARK_CORNERS,
-                  "mark_color": world.MARK_COLORS}
-
-
-def near_miss(subject: world.Subject, field: str, rng: np.random.Generator) -> world.Subject:
-    """`subject` with one identity error: `field` changed to another of its values, all else kept."""
-    n = len(SUBJECT_FIELDS[field])
-    return dataclasses.replace(subject, **{field: (getattr(subject, field) + int(rng.integers(1, n))) % n})
-
-
 @torch.no_grad()
 def near_miss_costs(embed, w: config.World, n: int, rng: np.random.Generator) -> dict:
     """What one identity error costs in the DINO measure: for `n` fresh subjects, cos(reference, target) minus
@@ -179,8 +165,8 @@ def near_miss_costs(embed, w: config.World, n: int, rng: np.random.Generator) ->
         return F.cosine_similarity(ref, embed(to_pixels(targets)))
     true = cos_to_ref(subjects)
     out = {"dino_ref_target_cos": float(true.mean())}
-    for field in SUBJECT_FIELDS:
-        miss = cos_to_ref([near_miss(s, field, rng) for s in subjects])
+    for field in world.SUBJECT_FIELDS:
+        miss = cos_to_ref([world.with_other_value(s, field, rng) for s in subjects])
         out[f"dino_near_miss_cost_{field}"] = float((true - miss).mean())
         out[f"dino_near_miss_true_closer_{field}"] = float((true > miss).float().mean())
     return out
