@@ -32,7 +32,7 @@ paper: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# Timings and memory of the hot paths on this machine -> reports/bench.json (docs/performance.md); ~10 min.
+# Timings and memory of the hot paths on this machine -> reports/bench.json (docs/performance.md); about 8 min.
 bench: setup
 	$(BIN)/python bench/cpu.py --out reports/bench.json
 
@@ -44,7 +44,7 @@ ablations: setup
 
 # Experiments side by side, only the headline metrics and the params the ablations sweep.
 exps: setup
-	dvc exp show --drop '.*' --keep 'Experiment|Created|sfo\.pairs$$|sfo\.direct|loss\.beta|sfo\.timesteps|cdns\.image|cdns\.text|cdns\.blur_radius|sfo\.lora_rank|sfo\.seed|sfo\.(dino|clip_i|clip_t|id_acc)$$|sfo_minus_sft\.(dino|clip_i|clip_t|id_acc)$$'
+	dvc exp show --drop '.*' --keep 'Experiment|Created|sfo\.pairs$$|sfo\.direct|loss\.beta|sfo\.timesteps|sfo\.timestep_mu|sfo\.timestep_sigma|cdns\.image|cdns\.text|cdns\.blur_radius|sfo\.lora_rank|sfo\.seed|sfo\.(dino|clip_i|clip_t|id_acc)$$|sfo_minus_sft\.(dino|clip_i|clip_t|id_acc)$$'
 
 clean-venv:
 	rm -rf $(VENV)
