@@ -32,7 +32,7 @@ from diffusers import FluxTransformer2DModel
 
 from pipeline import flow
 from pipeline.config import Loss, Model
-from pipeline.model import Conditioning, SubjectFlux, add_lora, reference_of
+from pipeline.model import Conditioning, SubjectFlux, add_lora
 from pipeline.stages.sfo import sfo_backward
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json): 11.9 B parameters.
@@ -160,7 +160,7 @@ def main():
 
         def sfo_train(micro):
             opt_sfo.zero_grad(set_to_none=True)
-            sfo_backward(model, c, x, x_neg, t, eps, loss_cfg, micro, reference=reference_of)
+            sfo_backward(model, c, x, x_neg, t, eps, loss_cfg, micro)
             opt_sfo.step()
 
         use(["sft"], "sft")                                     # the sft stage: LoRA r4 alone, trainable

@@ -157,6 +157,7 @@ class Sft:
     grad_clip: float = 1.0
     generic_prompt_prob: float = 0.25   # METHOD.md 8: degraded conditions must stay on-manifold for CDNS
     text_dropout: float = 0.1           # empty prompt (classifier-free guidance's unconditional branch)
+    image_dropout: float = 0.0          # a black reference (OminiControl's condition dropout; the paper: 0.1)
     ref_blur_prob: float = 0.0          # blur the reference (target stays sharp): coherent CDNS negatives
     ref_blur_radii: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0])
     timestep_mu: float = 0.0            # logit-normal t = sigmoid(n), n ~ N(mu, sigma)
@@ -178,7 +179,7 @@ class Sft:
         _positive(self, "sft", "lr", "timestep_sigma", "grad_clip")
         _finite(self, "sft", "timestep_mu", "weight_decay")
         _require(self.warmup_steps >= 0, "sft.warmup_steps", "must be >= 0")
-        for k in ("generic_prompt_prob", "text_dropout", "ref_blur_prob"):
+        for k in ("generic_prompt_prob", "text_dropout", "image_dropout", "ref_blur_prob"):
             _require(0 <= getattr(self, k) <= 1, f"sft.{k}", "must be in [0, 1]")
         _require(all(math.isfinite(r) and r >= 0 for r in self.ref_blur_radii), "sft.ref_blur_radii",
                  "must be finite numbers >= 0")
@@ -262,7 +263,7 @@ class Cdns:
 @dataclass(frozen=True)
 class Sfo:
     seed: int = 0
-    steps: int = 300
+    steps: int = 100
     pairs_per_step: int = 16
     lr: float = 5e-4
     lora_rank: int = 16

@@ -123,6 +123,9 @@ class Route:
             image = torch.cat(flags)
             self.masks[len(image)] = image[None, :, None]
             self.masks[txt_len + len(image)] = torch.cat([torch.zeros(txt_len, **self.like), image])[None, :, None]
+            if txt_len in self.masks:     # masks are found by length: the text must not match a whole sequence's
+                raise ValueError(f"routed LoRA: {txt_len} text tokens, as many as the image-side sequence; "
+                                 f"change model.max_text_len")
 
     def branch(self, index: int, n: int | None):
         """Branch `index` (-1: text) is next, alone, through per-branch layers (`n` tokens; None: no token axis)."""
@@ -341,8 +344,9 @@ class SubjectFlux(torch.nn.Module):
         text and keeps the reference."""
         c = self.condition(refs, prompts)
         grid = self.time_grid(steps, shift).to(noise.device)
+        previous = self.guidance
         if self.transformer.config.guidance_embeds:
-            self.guidance = guidance
+            self.guidance = guidance          # for this call only: restored below
 
             def velocity(x, t):
                 return self(x, t, c)
@@ -355,7 +359,10 @@ class SubjectFlux(torch.nn.Module):
         else:
             def velocity(x, t):
                 return self(x, t, c)
-        x = flow.euler_sample(velocity, patchify(noise, self.cfg.patch_size), steps, shift, grid)
+        try:
+            x = flow.euler_sample(velocity, patchify(noise, self.cfg.patch_size), steps, shift, grid)
+        finally:
+            self.guidance = previous
         return self.images(x).clamp(-1, 1)
 
 

@@ -103,6 +103,17 @@ def test_direct_sfo_trains_the_sft_weights_and_evaluates(work_repo):
     assert (work_repo / "reports/eval/sfo/metrics.json").exists()
 
 
+def test_direct_sfo_under_bf16_runs_the_reference_as_the_policy(work_repo):
+    """The frozen reference copy of `sfo.direct` gets the policy's bf16 autocast: at the first step policy and
+    reference are the same weights computed the same way, so the loss is exactly log 2 (an fp32 reference beside
+    a bf16 policy gives a margin of beta times bf16 rounding)."""
+    import math
+    set_params(work_repo, sfo__direct=True, train__bf16="on")
+    run_ok(work_repo, "sfo")
+    first = curve(work_repo)[0]
+    assert first["step"] == "1" and float(first["loss"]) == pytest.approx(math.log(2), abs=1e-6)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("sfo__pairs", "mirror", "sfo.pairs must be one of"),
     ("model__backbone", "sdxl", "model.backbone must be one of"),

@@ -8,8 +8,8 @@ from diffusers import FluxPipeline
 
 from pipeline import flux, world
 from pipeline.config import ConfigError, Model
-from pipeline.model import (SFT_ADAPTER, Conditioning, SubjectFlux, add_lora, load_lora, reference_of, save_lora,
-                            seeded_noise)
+from pipeline.model import (SFT_ADAPTER, Conditioning, Route, SubjectFlux, add_lora, load_lora, reference_of,
+                            save_lora, seeded_noise)
 
 PX = 64
 PROMPTS = ["a photo of a circle on grass", "a photo of a square in the snow"]
@@ -184,6 +184,14 @@ def test_sampling_uses_the_flux_scheduler_and_distilled_guidance(tiny):
     b = model.sample(refs, PROMPTS, seeded_noise([1, 2], model.noise_shape), 2, guidance=3.5)
     c = model.sample(refs, PROMPTS, seeded_noise([1, 2], model.noise_shape), 2, guidance=1.0)
     assert a.shape == (2, 3, PX, PX) and torch.equal(a, b) and not torch.equal(a, c)
+    model.sample(refs, PROMPTS, seeded_noise([1, 2], model.noise_shape), 2, guidance=3.5)
+    assert model.guidance == 1.0          # the sampling guidance does not stay behind for a training forward
+
+
+def test_route_refuses_text_as_long_as_the_image_side():
+    with pytest.raises(ValueError, match="max_text_len"):
+        Route().set(32, [16, 16], True)
+    Route().set(16, [16, 16], True)       # as long as one branch is fine: branches are routed one at a time
 
 
 def test_bad_flux_configs_fail_clearly(tiny, tmp_path):

@@ -31,7 +31,7 @@ def flux_params(assets: Path) -> dict:
     params["judges"].update(source="pretrained", dino=str(dino), clip=str(clip))
     params["model"].update(backbone="flux", pretrained=str(assets / "flux"), patch_size=2,
                            position_delta=[0, -PX // 16], max_text_len=16)
-    params["sft"].update(steps=4, batch_size=4, lora_rank=4, lora_alpha=4.0, ref_blur_prob=0.0)
+    params["sft"].update(steps=4, batch_size=4, lora_rank=4, lora_alpha=4.0, ref_blur_prob=0.0, image_dropout=0.5)
     params["guidance"]["scales"] = [1.0, 3.5]
     params["cdns"].update(num_triplets=8, shard_rows=4, workers=2, text="generic", blur_radius=2.0)
     params["sfo"].update(steps=3, pairs_per_step=2)

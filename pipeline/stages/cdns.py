@@ -2,8 +2,8 @@
 
 Reads params `cdns`, `sampler` and `sfo.pairs`, `data/train`, `models/sft`, `models/judges` and
 `reports/guidance.json`. For the first `cdns.num_triplets` training triplets, the SFT base samples one negative
-from degraded conditions (`cdns.image`, `cdns.text`; by default a blurred reference and the generic prompt, see
-pipeline/degrade.py) with the evaluation's sampler settings and guidance scale. The paper's other pair
+from degraded conditions (`cdns.image`, `cdns.text`, pipeline/degrade.py; by default a blurred reference and the
+full prompt: README, Calibration, says why the generic prompt is not the default here) with the evaluation's sampler settings and guidance scale. The paper's other pair
 constructions are made here too: `sfo.pairs: self_play` samples the negative from the undegraded conditions;
 `judge_dpo` samples twice from them and the DINO judge's preferred sample becomes the positive (`pos_png`);
 `sft_additional` keeps CDNS negatives, which the `sfo` stage then does not use. Ray actors each load the model once and take shards of

@@ -78,12 +78,12 @@ def sample_t(cfg: config.Sfo, n: int, g: torch.Generator) -> torch.Tensor:
     return flow.logit_normal(n, cfg.timestep_mu, cfg.timestep_sigma, generator=g)
 
 
-def reference_errors(model: SubjectFlux, x_t, t, c, x, eps, reference=reference_of,
+def reference_errors(model: SubjectFlux, x_t, t, c, x, eps,
                      reference_model: SubjectFlux | None = None) -> torch.Tensor:
-    """The reference's per-sample errors, no grad: inside `reference(model)` (by default the SFT base: the SFO
+    """The reference's per-sample errors, no grad: the SFT base, i.e. `model` inside `reference_of(model)` (the SFO
     adapter switched off, the SFT LoRA kept), or a separate frozen `reference_model` (`sfo.direct`)."""
     ref = reference_model if reference_model is not None else model
-    with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference(model)):
+    with torch.no_grad(), (contextlib.nullcontext() if reference_model is not None else reference_of(model)):
         return flow.per_sample_error(ref(x_t, t, c), x, eps)
 
 
@@ -106,7 +106,7 @@ def sfo_step(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg
     return loss, stats
 
 
-def sft_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, policy=None, **ref_kw):
+def sft_additional_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, policy=None, **ref_kw):
     """The SFT-additional control: the flow-matching error of the policy on the positives alone, with the
     reference's error on the same noisy inputs beside it (a diagnostic, no grad)."""
     x_t = flow.interpolate(x_pos, eps, t)
@@ -119,7 +119,7 @@ def sft_step(model: SubjectFlux, c: Conditioning, x_pos, t, eps, policy=None, **
 
 def sfo_backward(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss_cfg: config.Loss,
                  micro_batch: int = 0, objective: str = "sfo", **kw) -> dict[str, torch.Tensor]:
-    """Forward and backward of `sfo_step` (or, with `objective="sft"`, of `sft_step` on the positives alone)
+    """Forward and backward of `sfo_step` (or, with `objective="sft"`, of `sft_additional_step` on the positives alone)
     over P pairs, `micro_batch` pairs at a time (0: all at once). The loss
     is a mean of per-pair terms, so the chunks' gradients, each scaled by its share of the pairs, add up to the
     full batch's (up to float summation order): memory of `micro_batch` pairs, the update of P. Returns the
@@ -130,7 +130,7 @@ def sfo_backward(model: SubjectFlux, c: Conditioning, x_pos, x_neg, t, eps, loss
     for start in range(0, n, size):
         rows = slice(start, start + size)
         if objective == "sft":
-            loss, stats = sft_step(model, c.select(rows), x_pos[rows], t[rows], eps[rows], **kw)
+            loss, stats = sft_additional_step(model, c.select(rows), x_pos[rows], t[rows], eps[rows], **kw)
         else:
             loss, stats = sfo_step(model, c.select(rows), x_pos[rows], x_neg[rows], t[rows], eps[rows], loss_cfg, **kw)
         share = x_pos[rows].shape[0] / n
@@ -179,8 +179,8 @@ def main(run: str):
     model, reference, params = policy_and_reference(cfg)
     work = par.work_dir(work_dir, checkpoint.fingerprint(fp_params, inputs, ignore=checkpoint.TRAIN_IGNORED))
     cuda = par.device.type == "cuda"
-    if reference is not None:
-        reference.to(par.device)
+    if reference is not None:       # the frozen copy of `sfo.direct` runs with the policy's bf16/compile options
+        speed_options(reference.to(par.device), tcfg, cuda)
     policy = par.wrap(model)
     speed_options(model, tcfg, cuda)
     opt = stage.optimizer(cfg.optimizer, params, cfg.lr)

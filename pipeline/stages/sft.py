@@ -43,7 +43,9 @@ def blurred_copies(table, radii: list[float], path: str) -> list[torch.Tensor]:
     return [torch.from_numpy(manifest.to_float(np.stack([degrade.blur(r, rad) for r in refs]))) for rad in radii]
 
 
-def pick_refs(refs, blurred, idx, g: torch.Generator, cfg: config.Sft) -> torch.Tensor:
+def pick_refs(refs, blurred, blank, idx, g: torch.Generator, cfg: config.Sft) -> torch.Tensor:
+    """Per sample: the reference, a blurred copy (`sft.ref_blur_prob`) or the black image `blank`
+    (`sft.image_dropout`). A probability of 0 draws nothing from `g`."""
     out = refs[idx]
     if blurred and cfg.ref_blur_prob > 0:
         use = torch.rand(len(idx), generator=g) < cfg.ref_blur_prob
@@ -51,6 +53,8 @@ def pick_refs(refs, blurred, idx, g: torch.Generator, cfg: config.Sft) -> torch.
         for k, b in enumerate(blurred):
             sel = use & (which == k)
             out[sel] = b[idx[sel]]
+    if cfg.image_dropout > 0:
+        out[torch.rand(len(idx), generator=g) < cfg.image_dropout] = blank
     return out
 
 
@@ -93,6 +97,8 @@ def main():
     policy = par.wrap(model)
     speed_options(model, tcfg, cuda)
     # Tokens of every image and embeddings of every prompt, computed once (at real scale: VAE and T5/CLIP).
+    blank = (encode_all(model, torch.full_like(refs[:1], -1.0), "sft: encode the black reference")[0]
+             if cfg.image_dropout > 0 else None)
     targets, refs = encode_all(model, targets, "sft: encode targets"), encode_all(model, refs, "sft: encode references")
     blurred = [encode_all(model, b, "sft: encode blurred references") for b in blurred]
     fill_prompt_cache(model, prompts + generic + [""])
@@ -118,7 +124,7 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g)     # the global batch, same on every process
-        ref = pick_refs(refs, blurred, idx, g, cfg)
+        ref = pick_refs(refs, blurred, blank, idx, g, cfg)
         batch_prompts = pick_prompts(prompts, generic, idx, torch.rand(cfg.batch_size, generator=g), cfg)
         x = targets[idx]
         eps = torch.randn(x.shape, generator=g)
