@@ -1,4 +1,6 @@
 """params.yaml validation: every bad value stops with a message that names the key."""
+import dataclasses
+
 import pytest
 import yaml
 
@@ -54,3 +56,24 @@ def test_unknown_section_is_refused(tmp_path):
 def test_scientific_notation_and_ints_are_numbers(tmp_path):
     cfg = load_with(tmp_path, "sfo", {"lr": "5e-4", "lora_alpha": 16})
     assert cfg.lr == 5e-4 and cfg.lora_alpha == 16.0
+
+
+def test_the_dataclass_defaults_are_params_yaml():
+    """A stage reading a params file without some key gets the embedded default, not an older value."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, cls in config.SECTIONS.items():
+        assert dataclasses.asdict(cls()) == params[name], name
+
+
+def test_docs_params_lists_every_key_with_its_default():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    documented, section = {}, None
+    for line in (REPO / "docs/params.md").read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+            documented[section] = {}
+        elif section and line.startswith("| `"):
+            key, default, meaning = (c.strip() for c in line.strip("|").split("|", 2))
+            assert meaning, (section, key)
+            documented[section][key.strip("`")] = yaml.safe_load(default.strip("`"))
+    assert documented == params
