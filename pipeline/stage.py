@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -108,6 +109,17 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
+class Diverged(RuntimeError):
+    """The training loss stopped being a finite number: the weights are lost, nothing is written."""
+
+
+def check_finite(name: str, step: int, loss: float, hint: str):
+    """Stop a training stage at the first step whose (process-averaged) loss is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise Diverged(f"{name}: the loss is {loss} at step {step}: training diverged and nothing was written; "
+                       f"{hint}")
+
+
 def run(name: str, main: Callable[[], list | None]):
     """Run a stage's `main`; it returns the paths it wrote. Bad input exits 2 with the message alone."""
     logging.basicConfig(level=os.environ.get("SFO_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s",
@@ -116,7 +128,7 @@ def run(name: str, main: Callable[[], list | None]):
     t0 = time.time()
     try:
         written = main() or []
-    except ConfigError as e:
+    except (ConfigError, Diverged) as e:
         log.error("%s: stopped: %s", name, e)
         sys.exit(2)
     log.info("%s: done in %.1f s, peak RSS %.0f MB, wrote %s", name, time.time() - t0, peak_rss_mb(),

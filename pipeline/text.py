@@ -61,7 +61,8 @@ class TextEncoder(torch.nn.Module):
         """(sequence (B, L, seq_dim), pooled (B, pooled_dim)) for a list of prompts."""
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            ids = tokenize(self.tokenizer, missing)
+            dev = next(self.t5.parameters()).device         # the encoders move with the model (to a GPU)
+            ids = {k: v.to(dev) for k, v in tokenize(self.tokenizer, missing).items()}
             seq = self.t5(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
             pooled = self.clip(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).pooler_output
             for i, p in enumerate(missing):

@@ -114,6 +114,16 @@ def test_direct_sfo_under_bf16_runs_the_reference_as_the_policy(work_repo):
     assert first["step"] == "1" and float(first["loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(work_repo):
+    """An absurd learning rate sends the weights to inf/NaN: the stage stops with the step and a hint, exit 2,
+    instead of writing a NaN model that the evaluation would score."""
+    shutil.rmtree(work_repo / "models/sfo", ignore_errors=True)
+    set_params(work_repo, sfo__lr=1e12)
+    p = run_stage(work_repo, "sfo")
+    assert p.returncode == 2 and "training diverged" in p.stderr and "lower sfo.lr" in p.stderr, p.stderr[-2000:]
+    assert not (work_repo / "models/sfo").exists()
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("sfo__pairs", "mirror", "sfo.pairs must be one of"),
     ("model__backbone", "sdxl", "model.backbone must be one of"),

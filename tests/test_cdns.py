@@ -63,3 +63,10 @@ def test_negatives_do_not_depend_on_sharding(worker, shard, tmp_path):
                   text="perturbed") for i, sl in enumerate((slice(0, 1), slice(1, 4)))]
     for col in ("neg_png", "cond_png", "neg_prompt"):
         assert whole.column(col).to_pylist() == sum((h.column(col).to_pylist() for h in halves), [])
+
+
+def test_fewer_gpus_than_workers_are_shared_instead_of_waited_for():
+    from pipeline.stages.cdns import gpus_per_worker
+    assert gpus_per_worker(2, 0) == 0.0            # CPU: no GPU asked for
+    assert gpus_per_worker(4, 4) == 1.0 and gpus_per_worker(2, 8) == 1.0
+    assert gpus_per_worker(2, 1) == 0.5 and gpus_per_worker(4, 1) == 0.25

@@ -143,11 +143,21 @@ def make_shards(table, cfg: config.Cdns) -> list[dict]:
     return [{k: v[i:i + cfg.shard_rows] for k, v in data.items()} for i in range(0, table.num_rows, cfg.shard_rows)]
 
 
+def gpus_per_worker(workers: int, gpus: float) -> float:
+    """One GPU per actor where there are enough; fewer GPUs than `cdns.workers` are shared evenly (a Ray actor
+    asking for a whole GPU that does not exist would wait for it forever)."""
+    return 0.0 if gpus <= 0 else min(1.0, gpus / workers)
+
+
 def start_workers(ray, cfg: config.Cdns, model_dir: str, sampler: config.Sampler, guidance: float,
                   pairs: str = "cdns", judges_dir: str | None = None) -> list:
     """`cdns.workers` actors (one GPU each where CUDA exists), each with the model loaded. A worker process that
     dies is restarted by Ray (`max_restarts`) and the task it held retried (`max_task_retries`)."""
-    gpus = 1 if torch.cuda.is_available() else 0
+    have = ray.cluster_resources().get("GPU", 0) if torch.cuda.is_available() else 0
+    gpus = gpus_per_worker(cfg.workers, have)
+    if 0 < gpus < 1:
+        stage.log.warning("cdns: %d workers share %g GPU(s), %.2f each; each loads its own copy of the model",
+                          cfg.workers, have, gpus)
     actor_cls = ray.remote(num_cpus=cfg.threads_per_worker, num_gpus=gpus, max_restarts=MAX_RETRIES,
                            max_task_retries=MAX_RETRIES)(NegativeWorker)
     judges_dir = str(Path(judges_dir).resolve()) if judges_dir else None

@@ -216,6 +216,7 @@ def main(run: str):
         opt.step()
         pair_loss = par.gather(stats.pop("pair_loss")).cpu()
         window.append({k: par.mean(v).item() for k, v in stats.items()})
+        stage.check_finite(run, step + 1, window[-1]["loss"], "lower sfo.lr, or set train.bf16: off")
         for b, v in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), pair_loss.tolist()):
             bins[b].append(v)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -139,6 +139,7 @@ def main():
         checkpoint.fault_point("sft:step")
         opt.step()
         window.append(par.mean(loss).item())
+        stage.check_finite("sft", step + 1, window[-1], "lower sft.lr, or set train.bf16: off")
         for b, e in zip((t * T_BINS).long().clamp(max=T_BINS - 1).tolist(), par.gather(err).cpu().tolist()):
             bins[b].append(e)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
