@@ -89,6 +89,7 @@ class Judges:
     batch_size: int = 128
     attr_steps: int = 1500
     dino_steps: int = 600
+    dino_near_miss_negatives: bool = False   # each subject's near miss (one identity attribute changed) as a negative
     clip_steps: int = 600
     lr: float = 1e-3
     # Real scale: `source: pretrained` loads DINO and CLIP (hub ids or local paths) instead of training them.

@@ -14,7 +14,7 @@ SMOKE_PARAMS = {
     "prepare": {"train_subjects": 24, "targets_per_subject": 2, "shard_rows": 16},
     "bench": {"subjects": 3, "prompts_per_subject": 2, "seeds": 2, "val_subjects": 2},
     "judges": {"train_renders": 64, "val_renders": 16, "batch_size": 16, "attr_steps": 3, "dino_steps": 3,
-               "clip_steps": 3},
+               "clip_steps": 3, "dino_near_miss_negatives": True},
     "model": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
               "axes_dims_rope": [4, 6, 6], "text_dim": 16, "pooled_dim": 16},
     "sft": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "ref_blur_prob": 0.5},

@@ -1,9 +1,12 @@
-"""The embedded judges' self-report: what one identity error costs in the DINO measure (stages/judges.py)."""
+"""The embedded judges (stages/judges.py): the DINO stand-in's near-miss negatives, and the self-report of what one
+identity error costs in the DINO measure."""
 import numpy as np
 import torch
 
 from pipeline import config, world
-from pipeline.stages.judges import near_miss_costs
+import math
+
+from pipeline.stages.judges import info_nce, near_miss_costs, near_misses
 
 
 def test_near_miss_costs_with_a_pixel_embedding():
@@ -18,3 +21,25 @@ def test_near_miss_costs_with_a_pixel_embedding():
     blind = near_miss_costs(lambda x: torch.ones(len(x), 4), w, 16, np.random.default_rng(1))
     assert blind["dino_ref_target_cos"] > 0.999
     assert all(abs(blind[f"dino_near_miss_cost_{f}"]) < 1e-6 for f in world.SUBJECT_FIELDS)
+
+
+def test_near_misses_change_exactly_one_attribute_the_reader_scores():
+    rng = np.random.default_rng(0)
+    subjects = world.sample_subjects(rng, 300)
+    changed = [[k for k in world.IDENTITY_ATTRS if getattr(s, k) != getattr(m, k)]
+               for s, m in zip(subjects, near_misses(subjects, rng))]
+    assert all(len(c) == 1 for c in changed)
+    assert {c[0] for c in changed} == set(world.IDENTITY_ATTRS)      # every attribute is drawn
+    assert all(getattr(s, k) == getattr(m, k) for s, m in zip(subjects, near_misses(subjects, rng))
+               for k in set(world.SUBJECT_FIELDS) - set(world.IDENTITY_ATTRS))
+
+
+def test_info_nce_negatives_count_against_each_positive():
+    """Negatives that duplicate the positives make each a coin toss (+log 2 in that direction, half the symmetric
+    loss); negatives opposite to every row change next to nothing."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 8, generator=g).abs()           # every pair of rows at an acute angle
+    b = a + 0.01 * torch.randn(16, 8, generator=g)
+    plain = info_nce(a, b)
+    assert abs(info_nce(a, b, negatives=-b) - plain) < 1e-3
+    assert info_nce(a, b, negatives=b.clone()) > plain + math.log(2) / 2 - 1e-3

@@ -2,7 +2,8 @@
 
 Reads params `world` (image size, jitter) and `judges`. Writes `models/judges/{dino,clip,reader}` and
 `reports/judges.json` (their own quality on held-out renders: identity retrieval, text-to-image retrieval,
-per-attribute accuracy, and what one identity error costs in the DINO measure, `near_miss_costs`).
+per-attribute accuracy, and what one identity error costs in the DINO measure, `near_miss_costs`). With
+`judges.dino_near_miss_negatives` the DINO stand-in also learns to tell each subject from its near miss.
 
 With `judges.source: pretrained` (real scale) nothing is trained: the DINO and CLIP of `judges.dino` and
 `judges.clip` (hub ids or local folders, checked first) are saved with their processors and tokenizer to
@@ -30,7 +31,8 @@ OUT_DIR, REPORT = "models/judges", "reports/judges.json"
 def render_set(n: int, w: config.World, rng: np.random.Generator) -> dict:
     """n subjects, each as reference (context A's size) and as targets in contexts A and B."""
     subjects = world.sample_subjects(rng, n)
-    out = {"ref": [], "a": [], "b": [], "cap_a": [], "cap_ref": [], "labels_a": [], "labels_b": []}
+    out = {"subjects": subjects, "ref": [], "a": [], "b": [], "cap_a": [], "cap_ref": [], "labels_a": [],
+           "labels_b": []}
     for s in stage.progress(subjects, desc="judges: render"):
         ca, cb = world.sample_context(rng), world.sample_context(rng)
         ja, jb = rng.uniform(-w.jitter, w.jitter, 2), rng.uniform(-w.jitter, w.jitter, 2)
@@ -48,17 +50,39 @@ def render_set(n: int, w: config.World, rng: np.random.Generator) -> dict:
     return out
 
 
+def near_misses(subjects: list, rng: np.random.Generator) -> list:
+    """Each subject with one identity attribute (of those the reader scores) changed."""
+    fields = list(world.IDENTITY_ATTRS)
+    return [world.with_other_value(s, fields[rng.integers(len(fields))], rng) for s in subjects]
+
+
+def near_miss_set(subjects: list, w: config.World, rng: np.random.Generator) -> np.ndarray:
+    """The subjects' near misses, each in a fresh context: the DINO stand-in's hard negatives
+    (`judges.dino_near_miss_negatives`)."""
+    out = []
+    for miss in stage.progress(near_misses(subjects, rng), desc="judges: near misses"):
+        jitter = rng.uniform(-w.jitter, w.jitter, 2)
+        out.append(world.render(miss, world.sample_context(rng), w.image_size, tuple(jitter))[0])
+    return np.stack(out)
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Pixel noise of a random strength: generated images are noisier than renders."""
     sigma = 0.12 * torch.rand(x.shape[0], 1, 1, 1, generator=g)
     return x + sigma * torch.randn(x.shape, generator=g)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of `a` and row i of `b` are the positive pair."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
+             negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` and row i of `b` are the positive pair. `negatives` (optional): more
+    candidates every row of `a` must tell from its positive (the a -> b direction only)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
     target = torch.arange(len(a))
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if negatives is None:
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    hard = a @ F.normalize(negatives, dim=-1).T / temperature
+    return (F.cross_entropy(torch.cat([logits, hard], 1), target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def fit(name: str, model: torch.nn.Module, loss_fn, steps: int, lr: float):
@@ -118,10 +142,16 @@ def main():
     # DINO stand-in: identity embedding, invariant to context (reference <-> target and target <-> target)
     dino = build_dino(w.image_size)
 
+    # with `dino_near_miss_negatives`, each subject's near miss (one identity attribute changed) is a hard negative;
+    # its own generator: without it the renders and the generator's draws stay what they were
+    misses = (to_pixels(near_miss_set(train["subjects"], w, np.random.default_rng(j.seed + 2)))
+              if j.dino_near_miss_negatives else None)
+
     def dino_loss(step):
         i = batch_idx()
         view1 = torch.where((torch.rand(bs, generator=g) < 0.5)[:, None, None, None], ref[i], a[i])
-        return info_nce(dino_embed(dino, augment(view1, g)), dino_embed(dino, augment(b[i], g)))
+        e1, e2 = dino_embed(dino, augment(view1, g)), dino_embed(dino, augment(b[i], g))
+        return info_nce(e1, e2, negatives=None if misses is None else dino_embed(dino, augment(misses[i], g)))
     fit("dino", dino, dino_loss, j.dino_steps, j.lr / 2)
 
     # CLIP stand-in: images with full captions (targets) or identity captions (references)
