@@ -79,10 +79,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1,
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = a @ b.T / temperature
     target = torch.arange(len(a))
-    if negatives is None:
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    hard = a @ F.normalize(negatives, dim=-1).T / temperature
-    return (F.cross_entropy(torch.cat([logits, hard], 1), target) + F.cross_entropy(logits.T, target)) / 2
+    a_to_b = logits if negatives is None else torch.cat([logits, a @ F.normalize(negatives, dim=-1).T / temperature], 1)
+    return (F.cross_entropy(a_to_b, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def fit(name: str, model: torch.nn.Module, loss_fn, steps: int, lr: float):
