@@ -1,0 +1,108 @@
+"""Probe, not part of the project: iterative (on-policy) SFO, measured 2026-11-27 (README, Calibration).
+
+Round 1 is the default run. Round r > 1 merges round r-1's SFO LoRA into its base, makes fresh CDNS
+negatives with that merged model, trains a new SFO LoRA on them with the merged model as the reference, and
+samples the bench. Every round runs the project's own `cdns`, `sfo` and `evaluate --model sfo` stages, in
+a git worktree beside the repository whose `models/sft` is the merged model (data, judges and bench are
+links to the repository's). It prints each round's paired differences against the repository's SFT base.
+
+Run from the repository root after `make repro` (for another seed: `dvc exp apply default-s1` first; the
+worktrees take this workspace's params.yaml and guidance), e.g.
+
+    python docs/probes/iterative_sfo.py --rounds 3
+
+About 3.5 min a round on 2 cores. Remove the worktrees afterwards with `git worktree remove --force <dir>`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxTransformer2DModel
+
+from pipeline.model import SubjectFlux, adapters_disabled, load_trained
+
+LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges")
+MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
+
+
+def merge(adapter: Path, base: Path, out: Path):
+    """Save base + SFO adapter as one embedded SubjectFlux (LoRA folded into the weights), checked against the
+    adapter model on a random input."""
+    model = load_trained(adapter, base)
+    tr = model.transformer
+    lora_layers = [m for m in tr.modules() if hasattr(m, "lora_A") and hasattr(m, "merge")]
+    for m in lora_layers:
+        m.merge()
+    state = {k.replace(".base_layer.", "."): v.clone() for k, v in tr.state_dict().items() if "lora_" not in k}
+    for m in lora_layers:
+        m.unmerge()
+    merged = FluxTransformer2DModel.from_config(tr.config)
+    merged.load_state_dict(state, strict=True)
+    merged = SubjectFlux(merged, model.text, model.cfg, model.image_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *model.tokens(torch.zeros(1, *model.noise_shape)).shape[1:], generator=g)
+    c = model.condition(torch.rand(2, *model.noise_shape, generator=g) * 2 - 1, ["a photo of a circle"] * 2)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        a, b = model(x, t, c), merged(x, t, c)
+        with adapters_disabled(model):
+            ref = model(x, t, c)
+    gap = (a - b).abs().max().item()
+    print(f"merged {adapter} into {base}: max |merged - adapter| {gap:.1e}, |adapter - base| "
+          f"{(a - ref).abs().max().item():.3f}")
+    if gap > 1e-4:
+        sys.exit("the merged model does not reproduce the adapter model")
+    merged.save_pretrained(out)
+
+
+def paired(base_csv: Path, other_csv: Path) -> str:
+    def read(p):
+        with open(p) as f:
+            return {(r["id"], r["seed"]): r for r in csv.DictReader(f)}
+    a, b = read(base_csv), read(other_csv)
+    keys = sorted(a)
+    if set(keys) != set(b):
+        sys.exit(f"{other_csv}: not the same images as {base_csv}")
+    out = []
+    for m in MEASURES:
+        d = np.array([float(b[k][m]) - float(a[k][m]) for k in keys])
+        out.append(f"{m} {d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}")
+    return ", ".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds in all, the default run being round 1")
+    parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-iterative", help="where the worktrees go")
+    args = parser.parse_args()
+    repo = Path.cwd().resolve()
+    sft_scores = repo / "reports/eval/sft/scores.csv"
+    print(f"round 1 (this workspace): sfo - sft: {paired(sft_scores, repo / 'reports/eval/sfo/scores.csv')}")
+    prev = repo
+    for r in range(2, args.rounds + 1):
+        work = (args.dir / f"round{r}").resolve()
+        if work.exists():
+            sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}`")
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(work), "HEAD"], check=True)
+        for p in LINKED:
+            (work / p).parent.mkdir(parents=True, exist_ok=True)
+            (work / p).symlink_to(repo / p)
+        shutil.copy(repo / "params.yaml", work / "params.yaml")
+        (work / "reports").mkdir(exist_ok=True)
+        shutil.copy(repo / "reports/guidance.json", work / "reports/guidance.json")
+        merge(prev / "models/sfo", prev / "models/sft", work / "models/sft")
+        for stage in (["cdns"], ["sfo"], ["evaluate", "--model", "sfo"]):
+            subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage[0]}", *stage[1:]], cwd=work, check=True)
+        print(f"round {r} ({work}): sfo - sft: {paired(sft_scores, work / 'reports/eval/sfo/scores.csv')}")
+        prev = work
+
+
+if __name__ == "__main__":
+    main()
