@@ -16,7 +16,6 @@ About 3.5 min a round on 2 cores. Remove the worktrees afterwards with `git work
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 import sys
@@ -26,10 +25,11 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 
+from pipeline import evaluation
 from pipeline.model import SubjectFlux, adapters_disabled, load_trained
+from pipeline.stages import metrics
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges")
-MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")
 
 
 def merge(adapter: Path, base: Path, out: Path):
@@ -62,19 +62,11 @@ def merge(adapter: Path, base: Path, out: Path):
     merged.save_pretrained(out)
 
 
-def paired(base_csv: Path, other_csv: Path) -> str:
-    def read(p):
-        with open(p) as f:
-            return {(r["id"], r["seed"]): r for r in csv.DictReader(f)}
-    a, b = read(base_csv), read(other_csv)
-    keys = sorted(a)
-    if set(keys) != set(b):
-        sys.exit(f"{other_csv}: not the same images as {base_csv}")
-    out = []
-    for m in MEASURES:
-        d = np.array([float(b[k][m]) - float(a[k][m]) for k in keys])
-        out.append(f"{m} {d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}")
-    return ", ".join(out)
+def paired(base_dir: Path, other_dir: Path) -> str:
+    """Mean per-image difference other - base and its paired standard error, as the `metrics` stage computes them."""
+    a, b = metrics.per_image(str(base_dir)), metrics.per_image(str(other_dir))
+    return ", ".join(f"{m} {np.mean(b[m] - a[m]):+.4f} ± {metrics.paired_sem(a, b, m):.4f}"
+                     for m in evaluation.measures(a))
 
 
 def main():
@@ -83,8 +75,8 @@ def main():
     parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-iterative", help="where the worktrees go")
     args = parser.parse_args()
     repo = Path.cwd().resolve()
-    sft_scores = repo / "reports/eval/sft/scores.csv"
-    print(f"round 1 (this workspace): sfo - sft: {paired(sft_scores, repo / 'reports/eval/sfo/scores.csv')}")
+    sft_dir = repo / "reports/eval/sft"
+    print(f"round 1 (this workspace): sfo - sft: {paired(sft_dir, repo / 'reports/eval/sfo')}")
     prev = repo
     for r in range(2, args.rounds + 1):
         work = (args.dir / f"round{r}").resolve()
@@ -100,7 +92,7 @@ def main():
         merge(prev / "models/sfo", prev / "models/sft", work / "models/sft")
         for stage in (["cdns"], ["sfo"], ["evaluate", "--model", "sfo"]):
             subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage[0]}", *stage[1:]], cwd=work, check=True)
-        print(f"round {r} ({work}): sfo - sft: {paired(sft_scores, work / 'reports/eval/sfo/scores.csv')}")
+        print(f"round {r} ({work}): sfo - sft: {paired(sft_dir, work / 'reports/eval/sfo')}")
         prev = work
 
 
