@@ -1,0 +1,178 @@
+"""Probe, not part of the project: what SFO with CDNS negatives teaches in the embedded world, measured
+2026-11-27 (README, Calibration). Two measurements on this workspace's run, in a git worktree beside the
+repository whose data, judges and SFT base are links to the repository's:
+
+    python docs/probes/reference_following.py positives [--strength S]
+        Each CDNS pair's positive (the dataset's target) is replaced by the SFT base's own sample from the
+        true conditions (reference and prompt; with --strength S < 1, from the target noised to t = S, as
+        img2img), written as the pair's `pos_png`; then the project's `sfo` and `evaluate --model sfo` stages
+        run on that manifest. The pairs then hold no dataset image at all.
+
+    python docs/probes/reference_following.py guidance --weight W [--model sft|sfo]
+        The bench sampled with "detail guidance" on top of the evaluation's text CFG,
+            v = v_u + g (v_c - v_u) + W (v_c - v_blur),
+        v_blur being the velocity with CDNS's blurred reference (`cdns.blur_radius`) and the full prompt, then
+        scored by the `evaluate` stage. W = 0 reproduces the stage's own samples bit for bit.
+
+Each prints the paired differences against this workspace's `reports/eval/sft` and the reader's
+per-attribute accuracies. The worktree takes this workspace's params.yaml (for another seed,
+`dvc exp apply default-s1` first) and is removed at the end. About 3 min (positives) or 2 min (guidance)
+on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import config, degrade, evaluation, flow, manifest, stage, world
+from pipeline.judges import Judges
+from pipeline.model import Conditioning, SubjectFlux, patchify, seeded_noise
+from pipeline.stages import metrics
+
+LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges", "models/sft")
+SEED_TAG = 77   # the positives' noise streams, apart from the stages' own
+
+
+@torch.no_grad()
+def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, radius=2.0,
+           init=None, strength=1.0):
+    """SubjectFlux.sample (embedded model, text CFG) plus detail guidance of `weight` and img2img from `init`."""
+    grid = model.time_grid(steps, shift)
+    x = patchify(noise, model.cfg.patch_size)
+    if init is not None and strength < 1.0:
+        grid = grid[steps - max(1, round(strength * steps)):]
+        x = flow.interpolate(model.tokens(init), x, grid[0].expand(len(x)))
+    conds = [model.condition(refs, prompts), model.condition(refs, [""] * len(prompts))]
+    if weight:
+        blurred = np.stack([degrade.blur(r, radius) for r in manifest.to_uint8(refs)])
+        conds.append(model.condition(torch.from_numpy(manifest.to_float(blurred)), prompts))
+    c = Conditioning.cat(conds)
+
+    def velocity(x, t):
+        v = model(torch.cat([x] * len(conds)), torch.cat([t] * len(conds)), c).chunk(len(conds))
+        return flow.guided(v[0], v[1], guidance) + (weight * (v[0] - v[2]) if weight else 0)
+    return model.images(flow.euler_sample(velocity, x, steps, shift, grid)).clamp(-1, 1)
+
+
+def check(model: SubjectFlux, guidance: float, sampler: config.Sampler):
+    """The probe's sampler at weight 0 and strength 1 must be the model's own."""
+    g = torch.Generator().manual_seed(0)
+    refs = torch.rand(2, *model.noise_shape, generator=g) * 2 - 1
+    prompts, noise = ["a photo of a circle"] * 2, seeded_noise([1, 2], model.noise_shape)
+    a = model.sample(refs, prompts, noise, sampler.steps, guidance, sampler.shift)
+    b = sample(model, refs, prompts, noise, sampler.steps, guidance, sampler.shift)
+    if not torch.equal(a, b):
+        sys.exit(f"the probe's sampler differs from SubjectFlux.sample by {(a - b).abs().max().item():.1e}")
+
+
+def accuracies(path: Path, judges: Judges, bench: dict) -> str:
+    t = manifest.read(path, manifest.SAMPLE_SCHEMA)
+    read = judges.read_attributes(manifest.decode_column(t, "png", str(path)))
+    rows = np.repeat(np.arange(len(bench["prompts"])), len(read["cls"]) // len(bench["prompts"]))
+    right = {k: read[k] == bench["labels"][k][rows] for k in world.IDENTITY_ATTRS}
+    size = bench["labels"]["size"][rows]
+    return ", ".join(f"{k} {np.mean(v):.3f}" for k, v in right.items()) + "; cls by size: " + ", ".join(
+        f"{s} {np.mean(right['cls'][size == i]):.3f}" for i, s in enumerate(world.SIZES))
+
+
+def paired(base_dir: Path, other_dir: Path) -> str:
+    a, b = metrics.per_image(str(base_dir)), metrics.per_image(str(other_dir))
+    return ", ".join(f"{m} {np.mean(b[m] - a[m]):+.4f} ± {metrics.paired_sem(a, b, m):.4f}"
+                     for m in evaluation.measures(a))
+
+
+def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, guidance: float, seed: int):
+    neg_path = repo / "data/negatives/manifest.parquet"
+    neg = manifest.read(neg_path, manifest.NEGATIVE_SCHEMA)
+    tri = manifest.triplets_of(neg, manifest.read(repo / "data/train"), str(neg_path), "data/train")
+    refs, targets = (manifest.decode_column(tri, c, "data/train") for c in ("ref_png", "target_png"))
+    prompts = tri.column("prompt").to_pylist()
+    model = SubjectFlux.from_pretrained(repo / "models/sft").eval()
+    check(model, guidance, sampler)
+    seeds = [stage.derive_seed(SEED_TAG, seed, i) for i in range(len(refs))]
+    out = []
+    for i in stage.progress(range(0, len(refs), sampler.batch_size), desc="positives"):
+        sl = slice(i, i + sampler.batch_size)
+        x = sample(model, torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl],
+                   seeded_noise(seeds[sl], model.noise_shape), sampler.steps, guidance, sampler.shift,
+                   init=torch.from_numpy(manifest.to_float(targets[sl])), strength=strength)
+        out.extend(manifest.to_uint8(x))
+    pos = np.stack(out)
+    reader = Judges.load(repo / "models/judges")
+    read = reader.read_attributes(pos)
+    print("positives, reader accuracy: " + ", ".join(f"{k} {np.mean(read[k] == tri.column(k).to_numpy()):.3f}"
+                                                    for k in world.ATTRS))
+    col = pa.array([manifest.encode_png(p) for p in pos], type=pa.binary())
+    (work / "data/negatives").mkdir(parents=True)
+    manifest.write_table_atomic(neg.set_column(neg.schema.get_field_index("pos_png"), "pos_png", col),
+                                work / "data/negatives/manifest.parquet")
+    for cmd in (["sfo"], ["evaluate", "--model", "sfo"]):
+        subprocess.run([sys.executable, "-m", f"pipeline.stages.{cmd[0]}", *cmd[1:]], cwd=work, check=True)
+    return "sfo"
+
+
+def guided_eval(work: Path, weight: float, radius: float, model_name: str):
+    def patched(self, refs, prompts, noise, steps, guidance=1.0, shift=1.0):
+        return sample(self, refs, prompts, noise, steps, guidance, shift, weight, radius)
+    SubjectFlux.sample = patched
+    from pipeline.stages import evaluate
+    here, argv = Path.cwd(), sys.argv
+    os.chdir(work)
+    try:
+        sys.argv = ["evaluate", "--model", model_name]
+        evaluate.main()
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+    return model_name
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("positives", "guidance"))
+    parser.add_argument("--strength", type=float, default=1.0, help="positives: img2img strength (1: pure sample)")
+    parser.add_argument("--weight", type=float, default=1.0, help="guidance: detail-guidance weight W")
+    parser.add_argument("--model", default="sft", choices=("sft", "sfo"), help="guidance: which model samples")
+    parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-reference-following")
+    args = parser.parse_args()
+    repo = Path.cwd().resolve()
+    sampler, cdns, sfo = config.load("sampler", "cdns", "sfo", path=repo / "params.yaml")
+    guidance = evaluation.chosen_guidance(repo / evaluation.GUIDANCE_FILE)
+    work = args.dir.resolve()
+    if work.exists():
+        sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}`")
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(work), "HEAD"], check=True)
+    try:
+        for p in LINKED:
+            (work / p).parent.mkdir(parents=True, exist_ok=True)
+            (work / p).symlink_to(repo / p)
+        shutil.copy(repo / "params.yaml", work / "params.yaml")
+        (work / "reports").mkdir(exist_ok=True)
+        shutil.copy(repo / evaluation.GUIDANCE_FILE, work / evaluation.GUIDANCE_FILE)
+        if args.what == "positives":
+            name = positives(repo, work, args.strength, sampler, guidance, sfo.seed)
+            what = f"positives from the base (strength {args.strength})"
+        else:
+            if args.model == "sfo":
+                shutil.copytree(repo / "models/sfo", work / "models/sfo")
+            name = guided_eval(work, args.weight, cdns.blur_radius, args.model)
+            what = f"{args.model} with detail guidance {args.weight}"
+        bench = evaluation.bench_arrays(manifest.read(repo / "data/bench"), "data/bench")
+        judges = Judges.load(repo / "models/judges")
+        print(f"{what} - sft: {paired(repo / 'reports/eval/sft', work / 'reports/eval' / name)}")
+        print(f"  reader: sft {accuracies(repo / 'data/eval/sft', judges, bench)}")
+        print(f"  reader: {what}: {accuracies(work / 'data/eval' / name, judges, bench)}")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(work)], check=True)
+
+
+if __name__ == "__main__":
+    main()
