@@ -50,7 +50,9 @@ def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, wei
     if init is not None and strength < 1.0:
         grid = grid[steps - max(1, round(strength * steps)):]
         x = flow.interpolate(model.tokens(init), x, grid[0].expand(len(x)))
-    conds = [model.condition(refs, prompts), model.condition(refs, [""] * len(prompts))]
+    conds = [model.condition(refs, prompts)]
+    if guidance != 1.0 or weight:
+        conds.append(model.condition(refs, [""] * len(prompts)))
     if weight:
         blurred = np.stack([degrade.blur(r, radius) for r in manifest.to_uint8(refs)])
         conds.append(model.condition(torch.from_numpy(manifest.to_float(blurred)), prompts))
@@ -58,6 +60,8 @@ def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, wei
 
     def velocity(x, t):
         v = model(torch.cat([x] * len(conds)), torch.cat([t] * len(conds)), c).chunk(len(conds))
+        if len(v) == 1:
+            return v[0]
         return flow.guided(v[0], v[1], guidance) + (weight * (v[0] - v[2]) if weight else 0)
     return model.images(flow.euler_sample(velocity, x, steps, shift, grid)).clamp(-1, 1)
 
@@ -106,8 +110,7 @@ def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, 
                    init=torch.from_numpy(manifest.to_float(targets[sl])), strength=strength)
         out.extend(manifest.to_uint8(x))
     pos = np.stack(out)
-    reader = Judges.load(repo / "models/judges")
-    read = reader.read_attributes(pos)
+    read = Judges.load(repo / "models/judges").read_attributes(pos)
     print("positives, reader accuracy: " + ", ".join(f"{k} {np.mean(read[k] == tri.column(k).to_numpy()):.3f}"
                                                     for k in world.ATTRS))
     col = pa.array([manifest.encode_png(p) for p in pos], type=pa.binary())
