@@ -4,8 +4,8 @@ repository whose data, judges and SFT base are links to the repository's:
 
     python docs/probes/reference_following.py positives [--strength S]
         Each CDNS pair's positive (the dataset's target) is replaced by the SFT base's own sample from the
-        true conditions (reference and prompt; with --strength S < 1, from the target noised to t = S, as
-        img2img), written as the pair's `pos_png`; then the project's `sfo` and `evaluate --model sfo` stages
+        true conditions (reference and prompt; with --strength S < 1, from the target noised to the grid's time
+        nearest S, which is t = S at `sampler.shift` 1, as img2img), written as the pair's `pos_png`; then the project's `sfo` and `evaluate --model sfo` stages
         run on that manifest. The pairs then hold no dataset image at all.
 
     python docs/probes/reference_following.py guidance --weight W [--model sft|sfo]
@@ -45,7 +45,7 @@ SEED_TAG = 77   # the positives' noise streams, apart from the stages' own
 def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, radius=2.0,
            init=None, strength=1.0):
     """SubjectFlux.sample (embedded model, text CFG) plus detail guidance of `weight` and img2img from `init`."""
-    grid = model.time_grid(steps, shift)
+    grid = model.time_grid(steps, shift).to(noise.device)
     x = patchify(noise, model.cfg.patch_size)
     if init is not None and strength < 1.0:
         grid = grid[steps - max(1, round(strength * steps)):]
@@ -54,8 +54,8 @@ def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, wei
     if guidance != 1.0 or weight:
         conds.append(model.condition(refs, [""] * len(prompts)))
     if weight:
-        blurred = np.stack([degrade.blur(r, radius) for r in manifest.to_uint8(refs)])
-        conds.append(model.condition(torch.from_numpy(manifest.to_float(blurred)), prompts))
+        blurred = np.stack([degrade.blur(r, radius) for r in manifest.to_uint8(refs.cpu())])
+        conds.append(model.condition(torch.from_numpy(manifest.to_float(blurred)).to(refs.device), prompts))
     c = Conditioning.cat(conds)
 
     def velocity(x, t):
@@ -66,12 +66,13 @@ def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, wei
     return model.images(flow.euler_sample(velocity, x, steps, shift, grid)).clamp(-1, 1)
 
 
-def check(model: SubjectFlux, guidance: float, sampler: config.Sampler):
-    """The probe's sampler at weight 0 and strength 1 must be the model's own."""
+def check(model: SubjectFlux, guidance: float, sampler: config.Sampler, own=SubjectFlux.sample):
+    """The probe's sampler at weight 0 and strength 1 must be the model's own (`own`: SubjectFlux.sample as
+    the project defines it, before `guided_eval` replaces it)."""
     g = torch.Generator().manual_seed(0)
     refs = torch.rand(2, *model.noise_shape, generator=g) * 2 - 1
     prompts, noise = ["a photo of a circle"] * 2, seeded_noise([1, 2], model.noise_shape)
-    a = model.sample(refs, prompts, noise, sampler.steps, guidance, sampler.shift)
+    a = own(model, refs, prompts, noise, sampler.steps, guidance, sampler.shift)
     b = sample(model, refs, prompts, noise, sampler.steps, guidance, sampler.shift)
     if not torch.equal(a, b):
         sys.exit(f"the probe's sampler differs from SubjectFlux.sample by {(a - b).abs().max().item():.1e}")
@@ -122,12 +123,19 @@ def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, 
     return "sfo"
 
 
-def guided_eval(work: Path, weight: float, radius: float, model_name: str):
+def guided_eval(repo: Path, work: Path, weight: float, radius: float, model_name: str, sampler: config.Sampler,
+                guidance: float, processes: int):
+    """The `evaluate` stage, in this process, with SubjectFlux.sample replaced by the probe's guided sampler."""
+    if processes > 1:
+        sys.exit("train.processes > 1 relaunches the stage in new processes, which would not see the probe's sampler")
+    check(SubjectFlux.from_pretrained(repo / "models/sft").eval(), guidance, sampler)
+    own = SubjectFlux.sample
+
     def patched(self, refs, prompts, noise, steps, guidance=1.0, shift=1.0):
         return sample(self, refs, prompts, noise, steps, guidance, shift, weight, radius)
-    SubjectFlux.sample = patched
     from pipeline.stages import evaluate
     here, argv = Path.cwd(), sys.argv
+    SubjectFlux.sample = patched
     os.chdir(work)
     try:
         sys.argv = ["evaluate", "--model", model_name]
@@ -135,6 +143,7 @@ def guided_eval(work: Path, weight: float, radius: float, model_name: str):
     finally:
         os.chdir(here)
         sys.argv = argv
+        SubjectFlux.sample = own
     return model_name
 
 
@@ -147,11 +156,12 @@ def main():
     parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-reference-following")
     args = parser.parse_args()
     repo = Path.cwd().resolve()
-    sampler, cdns, sfo = config.load("sampler", "cdns", "sfo", path=repo / "params.yaml")
+    sampler, cdns, sfo, train = config.load("sampler", "cdns", "sfo", "train", path=repo / "params.yaml")
     guidance = evaluation.chosen_guidance(repo / evaluation.GUIDANCE_FILE)
     work = args.dir.resolve()
     if work.exists():
-        sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}`")
+        sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}` (or `git worktree prune` "
+                 f"if it is gone but still registered)")
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(work), "HEAD"], check=True)
     try:
         for p in LINKED:
@@ -166,7 +176,8 @@ def main():
         else:
             if args.model == "sfo":
                 shutil.copytree(repo / "models/sfo", work / "models/sfo")
-            name = guided_eval(work, args.weight, cdns.blur_radius, args.model)
+            name = guided_eval(repo, work, args.weight, cdns.blur_radius, args.model, sampler, guidance,
+                               train.processes)
             what = f"{args.model} with detail guidance {args.weight}"
         bench = evaluation.bench_arrays(manifest.read(repo / "data/bench"), "data/bench")
         judges = Judges.load(repo / "models/judges")
