@@ -16,18 +16,15 @@ About 3.5 min a round on 2 cores. Remove the worktrees afterwards with `git work
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 
-from pipeline import evaluation
 from pipeline.model import SubjectFlux, adapters_disabled, load_trained
-from pipeline.stages import metrics
+from probe_common import make_worktree, paired
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges")
 
@@ -62,13 +59,6 @@ def merge(adapter: Path, base: Path, out: Path):
     merged.save_pretrained(out)
 
 
-def paired(base_dir: Path, other_dir: Path) -> str:
-    """Mean per-image difference other - base and its paired standard error, as the `metrics` stage computes them."""
-    a, b = metrics.per_image(str(base_dir)), metrics.per_image(str(other_dir))
-    return ", ".join(f"{m} {np.mean(b[m] - a[m]):+.4f} ± {metrics.paired_sem(a, b, m):.4f}"
-                     for m in evaluation.measures(a))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="rounds in all, the default run being round 1")
@@ -80,15 +70,7 @@ def main():
     prev = repo
     for r in range(2, args.rounds + 1):
         work = (args.dir / f"round{r}").resolve()
-        if work.exists():
-            sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}`")
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(work), "HEAD"], check=True)
-        for p in LINKED:
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(repo / p)
-        shutil.copy(repo / "params.yaml", work / "params.yaml")
-        (work / "reports").mkdir(exist_ok=True)
-        shutil.copy(repo / "reports/guidance.json", work / "reports/guidance.json")
+        make_worktree(repo, work, LINKED)
         merge(prev / "models/sfo", prev / "models/sft", work / "models/sft")
         for stage in (["cdns"], ["sfo"], ["evaluate", "--model", "sfo"]):
             subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage[0]}", *stage[1:]], cwd=work, check=True)

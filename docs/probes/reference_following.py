@@ -4,9 +4,10 @@ repository whose data, judges and SFT base are links to the repository's:
 
     python docs/probes/reference_following.py positives [--strength S]
         Each CDNS pair's positive (the dataset's target) is replaced by the SFT base's own sample from the
-        true conditions (reference and prompt; with --strength S < 1, from the target noised to the grid's time
-        nearest S, which is t = S at `sampler.shift` 1, as img2img), written as the pair's `pos_png`; then the project's `sfo` and `evaluate --model sfo` stages
-        run on that manifest. The pairs then hold no dataset image at all.
+        true conditions (reference and prompt; with --strength S < 1, from the target noised to the grid's
+        time nearest S, which is t = S at `sampler.shift` 1, as img2img), written as the pair's `pos_png`;
+        then the project's `sfo` and `evaluate --model sfo` stages run on that manifest. The pairs then hold
+        no dataset image at all.
 
     python docs/probes/reference_following.py guidance --weight W [--model sft|sfo]
         The bench sampled with "detail guidance" on top of the evaluation's text CFG,
@@ -35,7 +36,7 @@ import torch
 from pipeline import config, degrade, evaluation, flow, manifest, stage, world
 from pipeline.judges import Judges
 from pipeline.model import Conditioning, SubjectFlux, patchify, seeded_noise
-from pipeline.stages import metrics
+from probe_common import make_worktree, paired
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges", "models/sft")
 SEED_TAG = 77   # the positives' noise streams, apart from the stages' own
@@ -88,13 +89,8 @@ def accuracies(path: Path, judges: Judges, bench: dict) -> str:
         f"{s} {np.mean(right['cls'][size == i]):.3f}" for i, s in enumerate(world.SIZES))
 
 
-def paired(base_dir: Path, other_dir: Path) -> str:
-    a, b = metrics.per_image(str(base_dir)), metrics.per_image(str(other_dir))
-    return ", ".join(f"{m} {np.mean(b[m] - a[m]):+.4f} ± {metrics.paired_sem(a, b, m):.4f}"
-                     for m in evaluation.measures(a))
-
-
-def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, guidance: float, seed: int):
+def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, guidance: float, seed: int,
+              judges: Judges):
     neg_path = repo / "data/negatives/manifest.parquet"
     neg = manifest.read(neg_path, manifest.NEGATIVE_SCHEMA)
     tri = manifest.triplets_of(neg, manifest.read(repo / "data/train"), str(neg_path), "data/train")
@@ -111,7 +107,7 @@ def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, 
                    init=torch.from_numpy(manifest.to_float(targets[sl])), strength=strength)
         out.extend(manifest.to_uint8(x))
     pos = np.stack(out)
-    read = Judges.load(repo / "models/judges").read_attributes(pos)
+    read = judges.read_attributes(pos)
     print("positives, reader accuracy: " + ", ".join(f"{k} {np.mean(read[k] == tri.column(k).to_numpy()):.3f}"
                                                     for k in world.ATTRS))
     col = pa.array([manifest.encode_png(p) for p in pos], type=pa.binary())
@@ -159,19 +155,11 @@ def main():
     sampler, cdns, sfo, train = config.load("sampler", "cdns", "sfo", "train", path=repo / "params.yaml")
     guidance = evaluation.chosen_guidance(repo / evaluation.GUIDANCE_FILE)
     work = args.dir.resolve()
-    if work.exists():
-        sys.exit(f"{work} exists: remove it with `git worktree remove --force {work}` (or `git worktree prune` "
-                 f"if it is gone but still registered)")
-    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(work), "HEAD"], check=True)
+    judges = Judges.load(repo / "models/judges")
+    make_worktree(repo, work, LINKED)
     try:
-        for p in LINKED:
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(repo / p)
-        shutil.copy(repo / "params.yaml", work / "params.yaml")
-        (work / "reports").mkdir(exist_ok=True)
-        shutil.copy(repo / evaluation.GUIDANCE_FILE, work / evaluation.GUIDANCE_FILE)
         if args.what == "positives":
-            name = positives(repo, work, args.strength, sampler, guidance, sfo.seed)
+            name = positives(repo, work, args.strength, sampler, guidance, sfo.seed, judges)
             what = f"positives from the base (strength {args.strength})"
         else:
             if args.model == "sfo":
@@ -180,7 +168,6 @@ def main():
                                train.processes)
             what = f"{args.model} with detail guidance {args.weight}"
         bench = evaluation.bench_arrays(manifest.read(repo / "data/bench"), "data/bench")
-        judges = Judges.load(repo / "models/judges")
         print(f"{what} - sft: {paired(repo / 'reports/eval/sft', work / 'reports/eval' / name)}")
         print(f"  reader: sft {accuracies(repo / 'data/eval/sft', judges, bench)}")
         print(f"  reader: {what}: {accuracies(work / 'data/eval' / name, judges, bench)}")
