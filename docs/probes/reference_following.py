@@ -9,16 +9,23 @@ repository whose data, judges and SFT base are links to the repository's:
         then the project's `sfo` and `evaluate --model sfo` stages run on that manifest. The pairs then hold
         no dataset image at all.
 
-    python docs/probes/reference_following.py guidance --weight W [--model sft|sfo]
+    python docs/probes/reference_following.py guidance --weight W [--model sft|sfo] [--against nearmiss]
         The bench sampled with "detail guidance" on top of the evaluation's text CFG,
             v = v_u + g (v_c - v_u) + W (v_c - v_blur),
         v_blur being the velocity with CDNS's blurred reference (`cdns.blur_radius`) and the full prompt, then
-        scored by the `evaluate` stage. W = 0 reproduces the stage's own samples bit for bit.
+        scored by the `evaluate` stage. W = 0 reproduces the stage's own samples bit for bit. With
+        `--against nearmiss` the third branch's reference is a near miss instead of a blur: the subject
+        re-rendered with one of `--fields` (default: the mark's corner and colour) changed.
+
+    python docs/probes/reference_following.py nearmiss [--fields F1,F2]
+        Each CDNS pair's negative is replaced by the SFT base's sample from a near-miss reference (as above)
+        and the full prompt, with the pair's own noise; then the project's `sfo` and `evaluate --model sfo`
+        stages run on that manifest. Beyond the paper: it needs the world's labels to make the near miss.
 
 Each prints the paired differences against this workspace's `reports/eval/sft` and the reader's
 per-attribute accuracies. The worktree takes this workspace's params.yaml (for another seed,
-`dvc exp apply default-s1` first) and is removed at the end. About 3 min (positives) or 2 min (guidance)
-on 2 cores.
+`dvc exp apply default-s1` first) and is removed at the end. About 3-4.5 min (positives,
+nearmiss) or 2 min (guidance) on 2 cores.
 """
 from __future__ import annotations
 
@@ -42,10 +49,34 @@ LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges", "model
 SEED_TAG = 77   # the positives' noise streams, apart from the stages' own
 
 
+def blurred(radius: float):
+    return lambda refs: np.stack([degrade.blur(r, radius) for r in refs])
+
+
+def near_misses(table: pa.Table, fields: list[str], wcfg: config.World) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's reference and its near miss: the row's subject re-rendered as a reference with one of
+    `fields` (drawn per row, seeded by the row's index) set to another value. Checks that re-rendering the
+    true subject gives the row's `ref_png`, i.e. that the world's params match the data's."""
+    refs, out = manifest.decode_column(table, "ref_png", "triplets"), []
+    rows = table.select([*world.SUBJECT_FIELDS, *world.CONTEXT_ATTRS]).to_pylist()
+    for i, row in enumerate(rows):
+        subject = world.Subject(**{k: row[k] for k in world.SUBJECT_FIELDS})
+        ctx = world.Context(**{k: row[k] for k in world.CONTEXT_ATTRS})
+
+        def render(s):
+            return world.render(s, ctx, wcfg.image_size, reference=True, reference_size=wcfg.reference_size)[0]
+        if not np.array_equal(render(subject), refs[i]):
+            sys.exit(f"row {i}: re-rendering its subject does not give its ref_png (world params changed?)")
+        rng = np.random.default_rng([SEED_TAG, i])
+        out.append(render(world.with_other_value(subject, fields[int(rng.integers(len(fields)))], rng)))
+    return refs, np.stack(out)
+
+
 @torch.no_grad()
-def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, radius=2.0,
+def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, against=blurred(2.0),
            init=None, strength=1.0):
-    """SubjectFlux.sample (embedded model, text CFG) plus detail guidance of `weight` and img2img from `init`."""
+    """SubjectFlux.sample (embedded model, text CFG) plus detail guidance of `weight` away from the references
+    `against` makes of the uint8 references (default: CDNS's blur), and img2img from `init`."""
     grid = model.time_grid(steps, shift).to(noise.device)
     x = patchify(noise, model.cfg.patch_size)
     if init is not None and strength < 1.0:
@@ -55,8 +86,8 @@ def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, wei
     if guidance != 1.0 or weight:
         conds.append(model.condition(refs, [""] * len(prompts)))
     if weight:
-        blurred = np.stack([degrade.blur(r, radius) for r in manifest.to_uint8(refs.cpu())])
-        conds.append(model.condition(torch.from_numpy(manifest.to_float(blurred)).to(refs.device), prompts))
+        other = against(manifest.to_uint8(refs.cpu()))
+        conds.append(model.condition(torch.from_numpy(manifest.to_float(other)).to(refs.device), prompts))
     c = Conditioning.cat(conds)
 
     def velocity(x, t):
@@ -89,37 +120,70 @@ def accuracies(path: Path, judges: Judges, bench: dict) -> str:
         f"{s} {np.mean(right['cls'][size == i]):.3f}" for i, s in enumerate(world.SIZES))
 
 
-def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, guidance: float, seed: int,
-              judges: Judges):
+def negatives_and_triplets(repo: Path) -> tuple[pa.Table, pa.Table]:
     neg_path = repo / "data/negatives/manifest.parquet"
     neg = manifest.read(neg_path, manifest.NEGATIVE_SCHEMA)
-    tri = manifest.triplets_of(neg, manifest.read(repo / "data/train"), str(neg_path), "data/train")
-    refs, targets = (manifest.decode_column(tri, c, "data/train") for c in ("ref_png", "target_png"))
-    prompts = tri.column("prompt").to_pylist()
-    model = SubjectFlux.from_pretrained(repo / "models/sft").eval()
-    check(model, guidance, sampler)
-    seeds = [stage.derive_seed(SEED_TAG, seed, i) for i in range(len(refs))]
+    return neg, manifest.triplets_of(neg, manifest.read(repo / "data/train"), str(neg_path), "data/train")
+
+
+def sample_all(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: list[int], sampler: config.Sampler,
+               guidance: float, desc: str, init: np.ndarray | None = None, strength: float = 1.0) -> np.ndarray:
+    """uint8 samples of `model` from uint8 `refs` (img2img from uint8 `init` below strength 1), batched as the
+    stages batch."""
     out = []
-    for i in stage.progress(range(0, len(refs), sampler.batch_size), desc="positives"):
+    for i in stage.progress(range(0, len(refs), sampler.batch_size), desc=desc):
         sl = slice(i, i + sampler.batch_size)
         x = sample(model, torch.from_numpy(manifest.to_float(refs[sl])), prompts[sl],
                    seeded_noise(seeds[sl], model.noise_shape), sampler.steps, guidance, sampler.shift,
-                   init=torch.from_numpy(manifest.to_float(targets[sl])), strength=strength)
+                   init=None if init is None else torch.from_numpy(manifest.to_float(init[sl])), strength=strength)
         out.extend(manifest.to_uint8(x))
-    pos = np.stack(out)
-    read = judges.read_attributes(pos)
-    print("positives, reader accuracy: " + ", ".join(f"{k} {np.mean(read[k] == tri.column(k).to_numpy()):.3f}"
-                                                    for k in world.ATTRS))
-    col = pa.array([manifest.encode_png(p) for p in pos], type=pa.binary())
+    return np.stack(out)
+
+
+def train_on(work: Path, neg: pa.Table, columns: dict[str, np.ndarray]):
+    """Write `neg` with `columns` (name -> uint8 images) replaced into the worktree, then run the project's `sfo`
+    and `evaluate --model sfo` stages there."""
+    for name, images in columns.items():
+        col = pa.array([manifest.encode_png(x) for x in images], type=pa.binary())
+        neg = neg.set_column(neg.schema.get_field_index(name), name, col)
     (work / "data/negatives").mkdir(parents=True)
-    manifest.write_table_atomic(neg.set_column(neg.schema.get_field_index("pos_png"), "pos_png", col),
-                                work / "data/negatives/manifest.parquet")
+    manifest.write_table_atomic(neg, work / "data/negatives/manifest.parquet")
     for cmd in (["sfo"], ["evaluate", "--model", "sfo"]):
         subprocess.run([sys.executable, "-m", f"pipeline.stages.{cmd[0]}", *cmd[1:]], cwd=work, check=True)
     return "sfo"
 
 
-def guided_eval(repo: Path, work: Path, weight: float, radius: float, model_name: str, sampler: config.Sampler,
+def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, guidance: float, seed: int,
+              judges: Judges):
+    neg, tri = negatives_and_triplets(repo)
+    refs, targets = (manifest.decode_column(tri, c, "data/train") for c in ("ref_png", "target_png"))
+    model = SubjectFlux.from_pretrained(repo / "models/sft").eval()
+    check(model, guidance, sampler)
+    seeds = [stage.derive_seed(SEED_TAG, seed, i) for i in range(len(refs))]
+    pos = sample_all(model, refs, tri.column("prompt").to_pylist(), seeds, sampler, guidance, "positives",
+                     init=targets, strength=strength)
+    read = judges.read_attributes(pos)
+    print("positives, reader accuracy: " + ", ".join(f"{k} {np.mean(read[k] == tri.column(k).to_numpy()):.3f}"
+                                                    for k in world.ATTRS))
+    return train_on(work, neg, {"pos_png": pos})
+
+
+def nearmiss(repo: Path, work: Path, fields: list[str], wcfg: config.World, sampler: config.Sampler,
+             guidance: float, judges: Judges):
+    """Negatives sampled by the base from near-miss references and the full prompt, each with its pair's seed."""
+    neg, tri = negatives_and_triplets(repo)
+    _, misses = near_misses(tri, fields, wcfg)
+    model = SubjectFlux.from_pretrained(repo / "models/sft").eval()
+    check(model, guidance, sampler)
+    negs = sample_all(model, misses, tri.column("prompt").to_pylist(), neg.column("seed").to_pylist(), sampler,
+                      guidance, "near-miss negatives")
+    pos, read = judges.read_attributes(manifest.positives(neg, tri, "negatives", "data/train")), judges.read_attributes(negs)
+    print("near-miss negatives differ from their positives: " + ", ".join(
+        f"{k} {np.mean(pos[k] != read[k]):.2f}" for k in world.ATTRS))
+    return train_on(work, neg, {"neg_png": negs, "cond_png": misses})
+
+
+def guided_eval(repo: Path, work: Path, weight: float, against, model_name: str, sampler: config.Sampler,
                 guidance: float, processes: int):
     """The `evaluate` stage, in this process, with SubjectFlux.sample replaced by the probe's guided sampler."""
     if processes > 1:
@@ -128,7 +192,7 @@ def guided_eval(repo: Path, work: Path, weight: float, radius: float, model_name
     own = SubjectFlux.sample
 
     def patched(self, refs, prompts, noise, steps, guidance=1.0, shift=1.0):
-        return sample(self, refs, prompts, noise, steps, guidance, shift, weight, radius)
+        return sample(self, refs, prompts, noise, steps, guidance, shift, weight, against)
     from pipeline.stages import evaluate
     here, argv = Path.cwd(), sys.argv
     SubjectFlux.sample = patched
@@ -145,14 +209,22 @@ def guided_eval(repo: Path, work: Path, weight: float, radius: float, model_name
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("positives", "guidance"))
+    parser.add_argument("what", choices=("positives", "guidance", "nearmiss"))
     parser.add_argument("--strength", type=float, default=1.0, help="positives: img2img strength (1: pure sample)")
     parser.add_argument("--weight", type=float, default=1.0, help="guidance: detail-guidance weight W")
     parser.add_argument("--model", default="sft", choices=("sft", "sfo"), help="guidance: which model samples")
+    parser.add_argument("--against", default="blur", choices=("blur", "nearmiss"),
+                        help="guidance: the third branch's reference")
+    parser.add_argument("--fields", default="mark_corner,mark_color",
+                        help=f"near misses: the identity fields one of which is changed ({', '.join(world.SUBJECT_FIELDS)})")
     parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-reference-following")
     args = parser.parse_args()
     repo = Path.cwd().resolve()
-    sampler, cdns, sfo, train = config.load("sampler", "cdns", "sfo", "train", path=repo / "params.yaml")
+    sampler, cdns, sfo, train, wcfg = config.load("sampler", "cdns", "sfo", "train", "world",
+                                                  path=repo / "params.yaml")
+    fields = args.fields.split(",")
+    if unknown := set(fields) - set(world.SUBJECT_FIELDS):
+        sys.exit(f"--fields: {sorted(unknown)} are not subject fields ({', '.join(world.SUBJECT_FIELDS)})")
     guidance = evaluation.chosen_guidance(repo / evaluation.GUIDANCE_FILE)
     work = args.dir.resolve()
     judges = Judges.load(repo / "models/judges")
@@ -161,12 +233,21 @@ def main():
         if args.what == "positives":
             name = positives(repo, work, args.strength, sampler, guidance, sfo.seed, judges)
             what = f"positives from the base (strength {args.strength})"
+        elif args.what == "nearmiss":
+            name = nearmiss(repo, work, fields, wcfg, sampler, guidance, judges)
+            what = f"negatives from near misses in {args.fields}"
         else:
             if args.model == "sfo":
                 shutil.copytree(repo / "models/sfo", work / "models/sfo")
-            name = guided_eval(repo, work, args.weight, cdns.blur_radius, args.model, sampler, guidance,
-                               train.processes)
-            what = f"{args.model} with detail guidance {args.weight}"
+            if args.against == "blur":
+                against = blurred(cdns.blur_radius)
+            else:
+                refs, misses = near_misses(manifest.read(repo / "data/bench"), fields, wcfg)
+                lookup = {r.tobytes(): m for r, m in zip(refs, misses)}
+                against = lambda batch: np.stack([lookup[r.tobytes()] for r in batch])  # noqa: E731
+            name = guided_eval(repo, work, args.weight, against, args.model, sampler, guidance, train.processes)
+            what = f"{args.model} with guidance {args.weight} against " + (
+                f"a {cdns.blur_radius} px blur" if args.against == "blur" else f"near misses in {args.fields}")
         bench = evaluation.bench_arrays(manifest.read(repo / "data/bench"), "data/bench")
         print(f"{what} - sft: {paired(repo / 'reports/eval/sft', work / 'reports/eval' / name)}")
         print(f"  reader: sft {accuracies(repo / 'data/eval/sft', judges, bench)}")
