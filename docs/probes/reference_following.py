@@ -1,5 +1,5 @@
 """Probe, not part of the project: what SFO with CDNS negatives teaches in the embedded world, measured
-2026-11-27 (README, Calibration). Two measurements on this workspace's run, in a git worktree beside the
+2026-11-27 (README, Calibration). Three measurements on this workspace's run, in a git worktree beside the
 repository whose data, judges and SFT base are links to the repository's:
 
     python docs/probes/reference_following.py positives [--strength S]
@@ -15,7 +15,8 @@ repository whose data, judges and SFT base are links to the repository's:
         v_blur being the velocity with CDNS's blurred reference (`cdns.blur_radius`) and the full prompt, then
         scored by the `evaluate` stage. W = 0 reproduces the stage's own samples bit for bit. With
         `--against nearmiss` the third branch's reference is a near miss instead of a blur: the subject
-        re-rendered with one of `--fields` (default: the mark's corner and colour) changed.
+        re-rendered with one of `--fields` (default: the mark's corner and colour) changed, one near miss per
+        bench subject. An oracle direction: it reads the bench subjects' true labels.
 
     python docs/probes/reference_following.py nearmiss [--fields F1,F2]
         Each CDNS pair's negative is replaced by the SFT base's sample from a near-miss reference (as above)
@@ -46,18 +47,18 @@ from pipeline.model import Conditioning, SubjectFlux, patchify, seeded_noise
 from probe_common import make_worktree, paired
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges", "models/sft")
-SEED_TAG = 77   # the positives' noise streams, apart from the stages' own
+SEED_TAG = 77   # the positives' noise streams and the near misses' draws, apart from the stages' own
 
 
 def blurred(radius: float):
     return lambda refs: np.stack([degrade.blur(r, radius) for r in refs])
 
 
-def near_misses(table: pa.Table, fields: list[str], wcfg: config.World) -> tuple[np.ndarray, np.ndarray]:
+def near_misses(table: pa.Table, source: str, fields: list[str], wcfg: config.World) -> tuple[np.ndarray, np.ndarray]:
     """Each row's reference and its near miss: the row's subject re-rendered as a reference with one of
     `fields` (drawn per row, seeded by the row's index) set to another value. Checks that re-rendering the
     true subject gives the row's `ref_png`, i.e. that the world's params match the data's."""
-    refs, out = manifest.decode_column(table, "ref_png", "triplets"), []
+    refs, out = manifest.decode_column(table, "ref_png", source), []
     rows = table.select([*world.SUBJECT_FIELDS, *world.CONTEXT_ATTRS]).to_pylist()
     for i, row in enumerate(rows):
         subject = world.Subject(**{k: row[k] for k in world.SUBJECT_FIELDS})
@@ -73,10 +74,11 @@ def near_misses(table: pa.Table, fields: list[str], wcfg: config.World) -> tuple
 
 
 @torch.no_grad()
-def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, against=blurred(2.0),
+def sample(model: SubjectFlux, refs, prompts, noise, steps, guidance, shift, weight=0.0, against=None,
            init=None, strength=1.0):
     """SubjectFlux.sample (embedded model, text CFG) plus detail guidance of `weight` away from the references
-    `against` makes of the uint8 references (default: CDNS's blur), and img2img from `init`."""
+    `against` makes of the uint8 references (with `weight`: `blurred(radius)` or a near-miss lookup), and img2img
+    from `init`."""
     grid = model.time_grid(steps, shift).to(noise.device)
     x = patchify(noise, model.cfg.patch_size)
     if init is not None and strength < 1.0:
@@ -170,16 +172,18 @@ def positives(repo: Path, work: Path, strength: float, sampler: config.Sampler, 
 
 def nearmiss(repo: Path, work: Path, fields: list[str], wcfg: config.World, sampler: config.Sampler,
              guidance: float, judges: Judges):
-    """Negatives sampled by the base from near-miss references and the full prompt, each with its pair's seed."""
+    """Negatives sampled by the base from near-miss references and the full prompt, each with its pair's seed (the
+    rows keep their CDNS `image_degradation` and `blur_radius` columns, which the `sfo` stage does not read)."""
     neg, tri = negatives_and_triplets(repo)
-    _, misses = near_misses(tri, fields, wcfg)
+    _, misses = near_misses(tri, "data/train", fields, wcfg)
     model = SubjectFlux.from_pretrained(repo / "models/sft").eval()
     check(model, guidance, sampler)
     negs = sample_all(model, misses, tri.column("prompt").to_pylist(), neg.column("seed").to_pylist(), sampler,
                       guidance, "near-miss negatives")
-    pos, read = judges.read_attributes(manifest.positives(neg, tri, "negatives", "data/train")), judges.read_attributes(negs)
+    read_pos = judges.read_attributes(manifest.positives(neg, tri, "negatives", "data/train"))
+    read = judges.read_attributes(negs)
     print("near-miss negatives differ from their positives: " + ", ".join(
-        f"{k} {np.mean(pos[k] != read[k]):.2f}" for k in world.ATTRS))
+        f"{k} {np.mean(read_pos[k] != read[k]):.2f}" for k in world.ATTRS))
     return train_on(work, neg, {"neg_png": negs, "cond_png": misses})
 
 
@@ -216,7 +220,8 @@ def main():
     parser.add_argument("--against", default="blur", choices=("blur", "nearmiss"),
                         help="guidance: the third branch's reference")
     parser.add_argument("--fields", default="mark_corner,mark_color",
-                        help=f"near misses: the identity fields one of which is changed ({', '.join(world.SUBJECT_FIELDS)})")
+                        help="near misses: the subject fields one of which is changed, of "
+                        + ", ".join(world.SUBJECT_FIELDS))
     parser.add_argument("--dir", type=Path, default=Path("..") / "sfo-reference-following")
     args = parser.parse_args()
     repo = Path.cwd().resolve()
@@ -242,7 +247,9 @@ def main():
             if args.against == "blur":
                 against = blurred(cdns.blur_radius)
             else:
-                refs, misses = near_misses(manifest.read(repo / "data/bench"), fields, wcfg)
+                refs, misses = near_misses(manifest.read(repo / "data/bench"), "data/bench", fields, wcfg)
+                # keyed by the reference: with `world.reference_size: fixed` every row of a subject has the same one,
+                # so each bench subject is guided away from one near miss (its last row's)
                 lookup = {r.tobytes(): m for r, m in zip(refs, misses)}
                 against = lambda batch: np.stack([lookup[r.tobytes()] for r in batch])  # noqa: E731
             name = guided_eval(repo, work, args.weight, against, args.model, sampler, guidance, train.processes)
