@@ -1,4 +1,4 @@
-"""Probe, not part of the project: iterative (on-policy) SFO, measured 2026-11-27 (README, Calibration).
+"""Probe, not part of the project: iterative (on-policy) SFO, measured 2026-11-27 (docs/calibration.md).
 
 Round 1 is the default run. Round r > 1 merges round r-1's SFO LoRA into its base, makes fresh CDNS
 negatives with that merged model, trains a new SFO LoRA on them with the merged model as the reference, and

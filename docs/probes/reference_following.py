@@ -1,5 +1,5 @@
 """Probe, not part of the project: what SFO with CDNS negatives teaches in the embedded world, measured
-2026-11-27 (README, Calibration). Three measurements on this workspace's run, in a git worktree beside the
+2026-11-27 (docs/calibration.md). Three measurements on this workspace's run, in a git worktree beside the
 repository whose data, judges and SFT base are links to the repository's:
 
     python docs/probes/reference_following.py positives [--strength S]
