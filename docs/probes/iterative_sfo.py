@@ -16,7 +16,6 @@ About 3.5 min a round on 2 cores. Remove the worktrees afterwards with `git work
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from pipeline.model import SubjectFlux, adapters_disabled, load_trained
-from probe_common import make_worktree, paired
+from probe_common import make_worktree, paired, run_stages
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges")
 
@@ -72,8 +71,7 @@ def main():
         work = (args.dir / f"round{r}").resolve()
         make_worktree(repo, work, LINKED)
         merge(prev / "models/sfo", prev / "models/sft", work / "models/sft")
-        for stage in (["cdns"], ["sfo"], ["evaluate", "--model", "sfo"]):
-            subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage[0]}", *stage[1:]], cwd=work, check=True)
+        run_stages(work, "cdns", "sfo", "evaluate --model sfo")
         print(f"round {r} ({work}): sfo - sft: {paired(sft_dir, work / 'reports/eval/sfo')}")
         prev = work
 

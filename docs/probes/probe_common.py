@@ -28,6 +28,14 @@ def make_worktree(repo: Path, work: Path, linked: tuple[str, ...]):
     shutil.copy(repo / evaluation.GUIDANCE_FILE, work / evaluation.GUIDANCE_FILE)
 
 
+def run_stages(work: Path, *stages: str):
+    """Run the project's stages in `work`, in order, as `dvc repro` would: each of `stages` is a stage module
+    and its arguments, e.g. "evaluate --model sfo"."""
+    for stage in stages:
+        name, *args = stage.split()
+        subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}", *args], cwd=work, check=True)
+
+
 def paired(base_dir: Path, other_dir: Path) -> str:
     """Mean per-image difference other - base and its paired standard error, as the `metrics` stage computes them."""
     a, b = metrics.per_image(str(base_dir)), metrics.per_image(str(other_dir))

@@ -44,7 +44,7 @@ import torch
 from pipeline import config, degrade, evaluation, flow, manifest, stage, world
 from pipeline.judges import Judges
 from pipeline.model import Conditioning, SubjectFlux, patchify, seeded_noise
-from probe_common import make_worktree, paired
+from probe_common import make_worktree, paired, run_stages
 
 LINKED = ("data/train", "data/bench", "data/bench_refs", "models/judges", "models/sft")
 SEED_TAG = 77   # the positives' noise streams and the near misses' draws, apart from the stages' own
@@ -150,8 +150,7 @@ def train_on(work: Path, neg: pa.Table, columns: dict[str, np.ndarray]):
         neg = neg.set_column(neg.schema.get_field_index(name), name, col)
     (work / "data/negatives").mkdir(parents=True)
     manifest.write_table_atomic(neg, work / "data/negatives/manifest.parquet")
-    for cmd in (["sfo"], ["evaluate", "--model", "sfo"]):
-        subprocess.run([sys.executable, "-m", f"pipeline.stages.{cmd[0]}", *cmd[1:]], cwd=work, check=True)
+    run_stages(work, "sfo", "evaluate --model sfo")
     return "sfo"
 
 
