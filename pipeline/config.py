@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .world import SUBJECT_FIELDS
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -51,6 +53,11 @@ class Prepare:
     val_subset: int = 64          # pairs after the training ones, held out to choose the guidance scale
     image_size: int = 512         # side of the crops written to the manifests (Subjects200K crops are 512)
     padding: int = 8              # Subjects200K's padding around and between the two halves of a pair image
+    # Imperfect pairs (embedded world): with probability `target_mismatch` a training target shows its subject with
+    # one of `mismatch_fields` (drawn uniformly) changed, as Subjects200K's generated pairs can differ from their
+    # reference in a detail; references, the bench and the validation split stay exact. 0 = every pair exact.
+    target_mismatch: float = 0.0
+    mismatch_fields: list[str] = field(default_factory=lambda: ["mark_corner", "mark_color"])
 
     SOURCES = ("embedded", "subjects200k")
 
@@ -60,6 +67,12 @@ class Prepare:
         _choice(self.source, self.SOURCES, "prepare.source")
         for k in ("min_quality", "subset", "val_subset", "padding"):
             _require(getattr(self, k) >= 0, f"prepare.{k}", "must be >= 0")
+        _require(0.0 <= self.target_mismatch <= 1.0, "prepare.target_mismatch", "must be in [0, 1]")
+        _require(self.target_mismatch == 0 or self.source == "embedded", "prepare.target_mismatch",
+                 "applies to the embedded world only (prepare.source: embedded)")
+        _require(bool(self.mismatch_fields), "prepare.mismatch_fields", "must name at least one field")
+        for f in self.mismatch_fields:
+            _choice(f, tuple(SUBJECT_FIELDS), "prepare.mismatch_fields")
 
 
 @dataclass(frozen=True)

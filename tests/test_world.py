@@ -87,3 +87,21 @@ def test_train_bench_and_validation_subjects_are_disjoint():
     # another bench seed gives other subjects
     _, keys2 = prepare.bench_rows(w, config.Bench(seed=1, subjects=40))
     assert keys2 != keys
+
+
+def test_imperfect_pairs_change_one_named_detail_of_some_targets_and_nothing_else():
+    w, kw = config.World(), dict(train_subjects=200, targets_per_subject=2)
+    exact = prepare.train_rows(w, config.Prepare(**kw), set())
+    noisy = prepare.train_rows(w, config.Prepare(**kw, target_mismatch=0.5,
+                                                 mismatch_fields=["mark_corner", "pattern"]), set())
+    changed = 0
+    for e, n in zip(exact, noisy, strict=True):
+        # the reference, the prompt and the context are the exact pair's; the labels are what the target shows
+        assert (n["id"], n["ref_png"], n["prompt"]) == (e["id"], e["ref_png"], e["prompt"])
+        assert all(n[a] == e[a] for a in world.CONTEXT_ATTRS)
+        diff = [f for f in world.SUBJECT_FIELDS if n[f] != e[f]]
+        assert diff in ([], ["mark_corner"], ["pattern"])
+        assert (n["target_png"] != e["target_png"]) == bool(diff)
+        changed += bool(diff)
+    assert 150 <= changed <= 250                      # about half of 400
+    assert prepare.train_rows(w, config.Prepare(**kw, target_mismatch=0.0), set()) == exact

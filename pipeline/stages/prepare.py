@@ -24,11 +24,15 @@ TRAIN_DIR, BENCH_DIR, VAL_DIR, BENCH_REFS_DIR = "data/train", "data/bench", "dat
 
 
 def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world.Context, size: int,
-                jitter: tuple[float, float], reference_size: str = "target") -> dict:
+                jitter: tuple[float, float], reference_size: str = "target", shown: world.Subject | None = None
+                ) -> dict:
+    """One manifest row: `subject`'s reference, and the target showing `shown` (default: `subject` itself; another
+    subject makes an imperfect pair). The attribute columns are the target's."""
+    shown = shown or subject
     ref, _ = world.render(subject, ctx, size, reference=True, reference_size=reference_size)
-    target, mask = world.render(subject, ctx, size, jitter)
-    return {"id": row_id, "subject_id": subject_id, **world.attribute_labels(subject, ctx),
-            "pattern_scale": subject.pattern_scale, "pattern_angle": subject.pattern_angle,
+    target, mask = world.render(shown, ctx, size, jitter)
+    return {"id": row_id, "subject_id": subject_id, **world.attribute_labels(shown, ctx),
+            "pattern_scale": shown.pattern_scale, "pattern_angle": shown.pattern_angle,
             "prompt": world.prompt(subject, ctx), "generic_prompt": world.generic_prompt(subject),
             "ref_png": manifest.encode_png(ref), "target_png": manifest.encode_png(target),
             "mask_png": manifest.encode_png(mask.astype(np.uint8) * 255)}
@@ -52,15 +56,36 @@ def bench_rows(w: config.World, b: config.Bench, split: str = "bench", exclude: 
 
 
 def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
+    """`targets_per_subject` rows per subject; with `prepare.target_mismatch` > 0 some targets show a near miss of
+    their subject (`mismatched_subject`), drawn from a stream of their own, so that the subjects, contexts and
+    every exact target are those of `target_mismatch: 0`."""
     rng = np.random.default_rng(w.seed)
+    miss_rng = np.random.default_rng([w.seed, MISMATCH_STREAM])
     subjects = world.sample_subjects(rng, p.train_subjects, exclude=exclude)
-    rows = []
+    rows, mismatched = [], 0
     for i, s in enumerate(stage.progress(subjects, desc="prepare: train")):
         for k in range(p.targets_per_subject):
             ctx = world.sample_context(rng)
             jitter = tuple(rng.uniform(-w.jitter, w.jitter, 2))
-            rows.append(triplet_row(f"train-{i:06d}-{k:02d}", i, s, ctx, w.image_size, jitter, w.reference_size))
+            shown = mismatched_subject(s, p, miss_rng)
+            mismatched += shown != s
+            rows.append(triplet_row(f"train-{i:06d}-{k:02d}", i, s, ctx, w.image_size, jitter, w.reference_size,
+                                    shown))
+    if p.target_mismatch:
+        stage.log.info("prepare: %d of %d training targets (%.1f %%) differ from their reference in one of %s",
+                       mismatched, len(rows), 100 * mismatched / len(rows), ", ".join(p.mismatch_fields))
     return rows
+
+
+MISMATCH_STREAM = 1   # the random stream of imperfect pairs, apart from the world's
+
+
+def mismatched_subject(subject: world.Subject, p: config.Prepare, rng: np.random.Generator) -> world.Subject:
+    """What an imperfect pair's target shows: with probability `p.target_mismatch`, `subject` with one of
+    `p.mismatch_fields` (uniform) set to another value; otherwise `subject`. Draws nothing when it is 0."""
+    if not p.target_mismatch or rng.random() >= p.target_mismatch:
+        return subject
+    return world.with_other_value(subject, p.mismatch_fields[int(rng.integers(len(p.mismatch_fields)))], rng)
 
 
 def embedded_refs(bench: list[dict]) -> list[dict]:
