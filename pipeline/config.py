@@ -71,8 +71,10 @@ class Prepare:
         _require(self.target_mismatch == 0 or self.source == "embedded", "prepare.target_mismatch",
                  "applies to the embedded world only (prepare.source: embedded)")
         _require(bool(self.mismatch_fields), "prepare.mismatch_fields", "must name at least one field")
-        for f in self.mismatch_fields:
-            _choice(f, tuple(SUBJECT_FIELDS), "prepare.mismatch_fields")
+        _require(len(set(self.mismatch_fields)) == len(self.mismatch_fields), "prepare.mismatch_fields",
+                 f"must not repeat a field, got {self.mismatch_fields}")
+        for i, f in enumerate(self.mismatch_fields):   # not the class: the prompt names it
+            _choice(f, tuple(k for k in SUBJECT_FIELDS if k != "cls"), f"prepare.mismatch_fields[{i}]")
 
 
 @dataclass(frozen=True)

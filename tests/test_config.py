@@ -43,7 +43,10 @@ def test_repository_params_are_valid():
     ("model", {"axes_dims_rope": [8, 8, 8]}, "model.axes_dims_rope must be 3 numbers summing to"),
     ("world", {"image_size": True}, "world.image_size must be an integer"),
     ("prepare", {"target_mismatch": 1.5}, r"prepare.target_mismatch must be in \[0, 1\]"),
-    ("prepare", {"mismatch_fields": ["mark_size"]}, "prepare.mismatch_fields must be one of"),
+    ("prepare", {"target_mismatch": -0.1}, r"prepare.target_mismatch must be in \[0, 1\]"),
+    ("prepare", {"mismatch_fields": ["mark_size"]}, r"prepare.mismatch_fields\[0\] must be one of"),
+    ("prepare", {"mismatch_fields": ["mark_color", "cls"]}, r"prepare.mismatch_fields\[1\] must be one of"),
+    ("prepare", {"mismatch_fields": ["pattern", "pattern"]}, "prepare.mismatch_fields must not repeat a field"),
     ("prepare", {"mismatch_fields": []}, "prepare.mismatch_fields must name at least one field"),
     ("prepare", {"target_mismatch": 0.2, "source": "subjects200k"}, "prepare.target_mismatch applies to the embedded"),
 ])

@@ -1,9 +1,10 @@
 """The embedded world: deterministic, prompts without identity details, train and bench disjoint."""
 import dataclasses
+import hashlib
 
 import numpy as np
 
-from pipeline import config, world
+from pipeline import config, manifest, world
 from pipeline.stages import prepare
 
 IDENTITY_WORDS = {*world.BODY_COLORS, *world.PATTERNS, *world.PATTERN_COLORS, *world.MARK_COLORS, "mark", "with"}
@@ -89,19 +90,55 @@ def test_train_bench_and_validation_subjects_are_disjoint():
     assert keys2 != keys
 
 
+def _digest(rows) -> str:
+    """md5 of a manifest's ids, prompts, labels and decoded pixels (independent of the PNG encoder)."""
+    h = hashlib.md5()
+    for r in rows:
+        h.update(repr((r["id"], r["prompt"], r["generic_prompt"], *(r[k] for k in world.FIELDS))).encode())
+        for c in ("ref_png", "target_png", "mask_png"):
+            h.update(manifest.decode_png(r[c], r["id"]).tobytes())
+    return h.hexdigest()
+
+
+def test_exact_pairs_are_the_training_rows_written_before_imperfect_pairs_existed():
+    # pinned from the code before `prepare.target_mismatch` (4175f6f), jitter on so that every world draw counts
+    rows = prepare.train_rows(config.World(jitter=1.5), config.Prepare(train_subjects=20, targets_per_subject=2), set())
+    assert _digest(rows) == "005e443fc0bb9a9f89e96a4f2af91991"
+
+
 def test_imperfect_pairs_change_one_named_detail_of_some_targets_and_nothing_else():
     w, kw = config.World(), dict(train_subjects=200, targets_per_subject=2)
     exact = prepare.train_rows(w, config.Prepare(**kw), set())
-    noisy = prepare.train_rows(w, config.Prepare(**kw, target_mismatch=0.5,
+    noisy = prepare.train_rows(w, config.Prepare(**kw, target_mismatch=0.25,
                                                  mismatch_fields=["mark_corner", "pattern"]), set())
-    changed = 0
+    changed = {"mark_corner": 0, "pattern": 0}
     for e, n in zip(exact, noisy, strict=True):
-        # the reference, the prompt and the context are the exact pair's; the labels are what the target shows
-        assert (n["id"], n["ref_png"], n["prompt"]) == (e["id"], e["ref_png"], e["prompt"])
+        # the reference, the prompts and the context are the exact pair's; the labels are what the target shows
+        assert (n["id"], n["ref_png"], n["prompt"], n["generic_prompt"]) == (
+            e["id"], e["ref_png"], e["prompt"], e["generic_prompt"])
         assert all(n[a] == e[a] for a in world.CONTEXT_ATTRS)
         diff = [f for f in world.SUBJECT_FIELDS if n[f] != e[f]]
         assert diff in ([], ["mark_corner"], ["pattern"])
         assert (n["target_png"] != e["target_png"]) == bool(diff)
-        changed += bool(diff)
-    assert 150 <= changed <= 250                      # about half of 400
-    assert prepare.train_rows(w, config.Prepare(**kw, target_mismatch=0.0), set()) == exact
+        if diff != ["mark_corner"]:                           # the mask is body and mark: a pattern keeps it
+            assert n["mask_png"] == e["mask_png"]
+        for f in diff:
+            changed[f] += 1
+    assert 60 <= sum(changed.values()) <= 140                 # about a quarter of 400
+    assert min(changed.values()) >= 25                        # both fields are drawn
+
+
+def test_an_imperfect_target_never_shows_an_excluded_identity():
+    w, p = config.World(), config.Prepare(train_subjects=5, targets_per_subject=20, target_mismatch=1.0,
+                                          mismatch_fields=["mark_corner"])
+    exact = prepare.train_rows(w, dataclasses.replace(p, target_mismatch=0.0), set())[0]
+    subject = world.Subject(**{f: exact[f] for f in world.SUBJECT_FIELDS})
+    drawn = prepare.train_rows(w, p, set())[0]["mark_corner"]          # the first target's near miss
+    others = [c for c in range(len(world.MARK_CORNERS)) if c != subject.mark_corner]
+    near = {c: dataclasses.replace(subject, mark_corner=c).key for c in others}
+    # excluding the drawn near miss moves that target to another corner that is not excluded, not to the subject's
+    rows = prepare.train_rows(w, p, {near[drawn]})
+    assert rows[0]["mark_corner"] not in (drawn, subject.mark_corner)
+    assert all(tuple(r[f] for f in world.SUBJECT_FIELDS) != near[drawn] for r in rows)
+    # every near miss excluded: the target stays exact
+    assert prepare.train_rows(w, p, set(near.values()))[0]["mark_corner"] == subject.mark_corner

@@ -12,6 +12,7 @@ holds every reference image of every bench subject, one row each (the embedded w
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def triplet_row(row_id: str, subject_id: int, subject: world.Subject, ctx: world
                 ) -> dict:
     """One manifest row: `subject`'s reference, and the target showing `shown` (default: `subject` itself; another
     subject makes an imperfect pair). The attribute columns are the target's."""
-    shown = shown or subject
+    shown = subject if shown is None else shown
     ref, _ = world.render(subject, ctx, size, reference=True, reference_size=reference_size)
     target, mask = world.render(shown, ctx, size, jitter)
     return {"id": row_id, "subject_id": subject_id, **world.attribute_labels(shown, ctx),
@@ -55,6 +56,9 @@ def bench_rows(w: config.World, b: config.Bench, split: str = "bench", exclude: 
     return rows, {s.key for s in subjects}
 
 
+MISMATCH_STREAM = 1   # the random stream of imperfect pairs, apart from the world's
+
+
 def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
     """`targets_per_subject` rows per subject; with `prepare.target_mismatch` > 0 some targets show a near miss of
     their subject (`mismatched_subject`), drawn from a stream of their own, so that the subjects, contexts and
@@ -67,7 +71,7 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
         for k in range(p.targets_per_subject):
             ctx = world.sample_context(rng)
             jitter = tuple(rng.uniform(-w.jitter, w.jitter, 2))
-            shown = mismatched_subject(s, p, miss_rng)
+            shown = mismatched_subject(s, p, miss_rng, exclude)
             mismatched += shown != s
             rows.append(triplet_row(f"train-{i:06d}-{k:02d}", i, s, ctx, w.image_size, jitter, w.reference_size,
                                     shown))
@@ -77,15 +81,24 @@ def train_rows(w: config.World, p: config.Prepare, exclude: set) -> list[dict]:
     return rows
 
 
-MISMATCH_STREAM = 1   # the random stream of imperfect pairs, apart from the world's
-
-
-def mismatched_subject(subject: world.Subject, p: config.Prepare, rng: np.random.Generator) -> world.Subject:
+def mismatched_subject(subject: world.Subject, p: config.Prepare, rng: np.random.Generator,
+                       exclude: set | frozenset = frozenset()) -> world.Subject:
     """What an imperfect pair's target shows: with probability `p.target_mismatch`, `subject` with one of
-    `p.mismatch_fields` (uniform) set to another value; otherwise `subject`. Draws nothing when it is 0."""
+    `p.mismatch_fields` (uniform) set to another value (uniform); otherwise `subject`. Draws nothing when it is 0.
+    A near miss whose identity is in `exclude` (the bench's and validation's) takes the field's next value
+    instead, without another draw, so that the other targets stay the same; `subject` if every value is excluded."""
     if not p.target_mismatch or rng.random() >= p.target_mismatch:
         return subject
-    return world.with_other_value(subject, p.mismatch_fields[int(rng.integers(len(p.mismatch_fields)))], rng)
+    field = p.mismatch_fields[int(rng.integers(len(p.mismatch_fields)))]
+    shown, n = world.with_other_value(subject, field, rng), len(world.SUBJECT_FIELDS[field])
+    for _ in range(n - 1):
+        if shown.key not in exclude:
+            return shown
+        nxt = (getattr(shown, field) + 1) % n
+        if nxt == getattr(subject, field):
+            nxt = (nxt + 1) % n
+        shown = dataclasses.replace(shown, **{field: nxt})
+    return subject
 
 
 def embedded_refs(bench: list[dict]) -> list[dict]:
