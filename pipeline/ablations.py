@@ -261,7 +261,51 @@ def start_workers(jobs: int):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def queue_status() -> tuple[str, list[tuple[str, str, str]]]:
+    """`dvc queue status`: its text and (task id, name, state) per task."""
+    text = dvc("queue", "status", check=False).stdout
+    rows = [line.split() for line in text.splitlines()]
+    return text, [(r[0], r[1], r[-1]) for r in rows if len(r) >= 3 and r[-1] in ("Queued", "Running", "Success",
+                                                                                 "Failed")]
+
+
+def task_process_alive(task: str) -> bool:
+    """Whether the process DVC started for a queue task (its short id) is alive. dvc-task records it in
+    `.dvc/tmp/exps/run/<task id>/<task id>.json` (an internal layout of dvc 3.x: a task with no record there has
+    not started)."""
+    for record in Path(".dvc/tmp/exps/run").glob(f"{task}*/{task}*.json"):
+        try:
+            pid = json.loads(record.read_text()).get("pid")
+            if pid:
+                os.kill(pid, 0)
+                return True
+        except PermissionError:             # alive, another user's
+            return True
+        except (ValueError, OSError):       # a half-written record, or no such process
+            continue
+    return False
+
+
+def orphaned(status: str, tasks: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(task id, name) of tasks the queue shows as Running that nothing runs: no worker and no live process.
+    Seen on dvc 3.67 when a worker is stopped (`dvc queue stop`) just as it takes the next task: the task then
+    shows Running for ever, and `dvc exp show` fails on it."""
+    if "Worker status: 0 active, 0 idle" not in status:
+        return []
+    return [(task, name) for task, name, state in tasks if state == "Running" and not task_process_alive(task)]
+
+
+def kill_orphans(orphans: list[tuple[str, str]]) -> set[str]:
+    """`dvc queue kill` each (it then shows as Failed, and `dvc exp show` works again); returns their task ids."""
+    for task, name in orphans:
+        stage.log.warning("ablations: %s (task %s) shows Running in the DVC queue but nothing runs it; killing it",
+                          name, task)
+        dvc("queue", "kill", task, check=False)
+    return {task for task, _ in orphans}
+
+
 def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
+    killed = kill_orphans(orphaned(*queue_status()))      # left by an earlier run; they would break `exp show`
     done, plan = finished(), planned(tables)
     todo = {n: ov for n, ov in plan.items() if force or n not in done}
     stage.log.info("ablations: %d experiments planned, %d already on this commit, %d to run", len(plan),
@@ -271,26 +315,47 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
     stale = [n for n in todo if n in done]
     if stale:                                     # --force: drop the old ones (`dvc exp run -f` would instead
         dvc("exp", "remove", *stale)              # recompute every stage of the experiment, shared ones too)
-    for name, ov in todo.items():
+
+    def enqueue(name: str):
+        ov = todo[name]
         dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
-    start = time.time()
+
+    in_queue = {name for _, name, state in queue_status()[1] if state in ("Queued", "Running")}
+    if in_queue & set(todo):
+        stage.log.info("ablations: already in the DVC queue, not queued again: %s", sorted(in_queue & set(todo)))
+    for name in todo:
+        if name not in in_queue:
+            enqueue(name)
+    start = started = time.time()
     start_workers(jobs)
     bar = stage.progress(total=len(todo), desc="ablations")
+    orphan_polls = 0
     while True:
-        status = dvc("queue", "status", check=False).stdout
-        waiting = sum(line.split()[-1:] in (["Queued"], ["Running"]) for line in status.splitlines())
-        now_done = len(todo) - waiting
-        bar.update(now_done - bar.n)
-        if not waiting:
+        status, tasks = queue_status()
+        queued = sum(state == "Queued" for *_, state in tasks)
+        running = sum(state == "Running" for *_, state in tasks)
+        bar.update(len(todo) - queued - running - bar.n)
+        if not queued and not running:
             break
-        if "Worker status: 0 active, 0 idle" in status:
-            # seen on dvc 3.67: a worker can exit with experiments still queued (e.g. after `dvc queue stop`)
-            stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", waiting)
+        orphans = orphaned(status, tasks)
+        orphan_polls = orphan_polls + 1 if orphans else 0
+        if orphan_polls >= 3:                     # three polls in a row: not a worker that is about to start it
+            killed |= kill_orphans(orphans)
+            for _, name in orphans:
+                if name in todo:                  # ours: queue it again (one queued by hand is only killed)
+                    enqueue(name)
+                    queued += 1
+            orphan_polls = 0
+        if queued and "Worker status: 0 active, 0 idle" in status and time.time() - started > 30:
+            # seen on dvc 3.67: a worker can exit with experiments still queued (e.g. after `dvc queue stop`);
+            # a new one takes about 15 s to show in the status
+            stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", queued)
             start_workers(jobs)
+            started = time.time()
         time.sleep(10)
     bar.close()
     dvc("queue", "stop", check=False)                 # the idle worker would otherwise stay behind
-    failed = [line for line in dvc("queue", "status", check=False).stdout.splitlines() if line.endswith("Failed")]
+    failed = [name for task, name, state in queue_status()[1] if state == "Failed" and task not in killed]
     stage.log.info("ablations: queue finished in %.1f min%s", (time.time() - start) / 60,
                    f"; failed: {failed} (see `dvc queue logs <name>`)" if failed else "")
 

@@ -207,8 +207,10 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
 
 def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
     """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
-    run as experiments, and a second run finds them all done. The queue's worker is stopped while the first
-    experiment runs (`dvc queue stop` lets it finish that one and exit): ablations must start a new one."""
+    run as experiments, and a second run finds them all done. A task left Running with nothing running it is
+    killed and queued again. The queue's worker is stopped while the first experiment runs (`dvc queue stop` lets
+    it finish that one and exit, or, as it takes the next task, leaves that one orphaned): ablations must start
+    a new worker either way."""
     import subprocess
     import sys
     import time
@@ -217,12 +219,22 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     shutil.copytree(smoke_repo, repo, symlinks=True)
     run(["git", "checkout", "-q", "--", "."], repo)
     run([sys.executable, "-m", "dvc", "checkout", "-f"], repo, check=False)
+    # A task a worker took but never ran (what `dvc queue stop` can leave, seen on dvc 3.67): its message moved
+    # from the broker's inbox to `processed` with no result. The queue shows it Running, and `dvc exp show` fails.
+    run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", "td-b2000-s0", "-S", "loss.beta=2000"], repo)
+    broker = repo / ".dvc/tmp/exps/celery/broker"
+    (msg,) = (broker / "in").glob("*.celery.msg")
+    msg.rename(broker / "processed" / msg.name)
+    status = run([sys.executable, "-m", "dvc", "queue", "status"], repo).stdout
+    (line,) = [line for line in status.splitlines() if line.split()[1:2] == ["td-b2000-s0"]]
+    assert line.endswith("Running"), status
+    orphan = line.split()[0]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], cwd=repo,
                             env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, status = time.time() + 300, ""
     while time.time() < deadline and proc.poll() is None:
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, check=False).stdout
-        if any(line.endswith("Running") for line in status.splitlines()):
+        if any(line.endswith("Running") and not line.startswith(orphan) for line in status.splitlines()):
             break
         time.sleep(1)
     assert "Queued" in status, status                  # experiments still wait when the worker goes
@@ -235,6 +247,7 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     assert proc.returncode == 0, err[-3000:]
     assert "3 experiments planned, 0 already on this commit, 3 to run" in err, err[-3000:]
     assert "no DVC queue worker is left" in err, err[-3000:]
+    assert "td-b2000-s0 (task" in err and "nothing runs it; killing it" in err, err[-3000:]
     names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names)
     text = (repo / "reports/ablations.md").read_text()
