@@ -101,8 +101,15 @@ def sample_context(rng: np.random.Generator) -> Context:
 def with_other_value(obj: Subject | Context, field: str, rng: np.random.Generator) -> Subject | Context:
     """`obj` with `field` set to another of its values, drawn uniformly, all else kept: one identity error (a
     near miss) for a Subject, one swapped context attribute (a hallucinated caption) for a Context."""
-    n = len(FIELDS[field])
-    return replace(obj, **{field: (getattr(obj, field) + int(rng.integers(1, n))) % n})
+    return other_values(obj, field, rng)[0]
+
+
+def other_values(obj: Subject | Context, field: str, rng: np.random.Generator) -> list[Subject | Context]:
+    """`obj` with each other value of `field`, starting from one drawn uniformly (one draw) and going on to the
+    next values in turn, cyclically, skipping `obj`'s own: a fallback order for a drawn value that is ruled out."""
+    n, own = len(FIELDS[field]), getattr(obj, field)
+    first = int(rng.integers(1, n))                     # offset from own, in 1..n-1
+    return [replace(obj, **{field: (own + 1 + (first - 1 + j) % (n - 1)) % n}) for j in range(n - 1)]
 
 
 def all_contexts() -> list[Context]:

@@ -30,6 +30,20 @@ def test_with_other_value_changes_exactly_that_field_to_any_other_value():
             assert seen == set(range(len(world.FIELDS[field]))) - {getattr(obj, field)}, field
 
 
+def test_other_values_lists_each_other_value_once_from_the_drawn_one_on():
+    rng = np.random.default_rng(1)
+    for obj in world.sample_subjects(rng, 10) + [world.sample_context(rng) for _ in range(10)]:
+        for field in (f.name for f in dataclasses.fields(obj)):
+            n, own = len(world.FIELDS[field]), getattr(obj, field)
+            state = rng.bit_generator.state
+            first = world.with_other_value(obj, field, rng)
+            rng.bit_generator.state = state
+            values = [getattr(m, field) for m in world.other_values(obj, field, rng)]
+            assert values[0] == getattr(first, field)                      # the same one draw
+            assert sorted(values) == [v for v in range(n) if v != own], field
+            assert all((b - a) % n in (1, 2) for a, b in zip(values, values[1:]))   # next ones, own skipped
+
+
 def test_renders_are_a_pure_function_of_the_seed():
     def draw(seed):
         rng = np.random.default_rng(seed)

@@ -12,7 +12,6 @@ holds every reference image of every bench subject, one row each (the embedded w
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,15 +89,7 @@ def mismatched_subject(subject: world.Subject, p: config.Prepare, rng: np.random
     if not p.target_mismatch or rng.random() >= p.target_mismatch:
         return subject
     field = p.mismatch_fields[int(rng.integers(len(p.mismatch_fields)))]
-    shown, n = world.with_other_value(subject, field, rng), len(world.SUBJECT_FIELDS[field])
-    for _ in range(n - 1):
-        if shown.key not in exclude:
-            return shown
-        nxt = (getattr(shown, field) + 1) % n
-        if nxt == getattr(subject, field):
-            nxt = (nxt + 1) % n
-        shown = dataclasses.replace(shown, **{field: nxt})
-    return subject
+    return next((s for s in world.other_values(subject, field, rng) if s.key not in exclude), subject)
 
 
 def embedded_refs(bench: list[dict]) -> list[dict]:
