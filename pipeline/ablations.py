@@ -261,36 +261,61 @@ def start_workers(jobs: int):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+STATES = ("Queued", "Running", "Success", "Failed")
+
+
 def queue_status() -> tuple[str, list[tuple[str, str, str]]]:
     """`dvc queue status`: its text and (task id, name, state) per task."""
     text = dvc("queue", "status", check=False).stdout
-    rows = [line.split() for line in text.splitlines()]
-    return text, [(r[0], r[1], r[-1]) for r in rows if len(r) >= 3 and r[-1] in ("Queued", "Running", "Success",
-                                                                                 "Failed")]
+    return text, parse_queue_status(text)
+
+
+def parse_queue_status(text: str) -> list[tuple[str, str, str]]:
+    """(task id, name, state) per row of `dvc queue status`, cut at the header's column offsets: an unnamed
+    task's Name cell is blank, and the Created cell is one to three words."""
+    lines = text.splitlines()
+    header = next((line for line in lines if line.split()[:1] == ["Task"] and line.rstrip().endswith("Status")), "")
+    if not header:
+        return []
+    name_at, created_at, status_at = (header.index(col) for col in ("Name", "Created", "Status"))
+    tasks = [(line[:name_at].strip(), line[name_at:created_at].strip(), line[status_at:].strip())
+             for line in lines[lines.index(header) + 1:]]
+    return [t for t in tasks if t[0] and t[2] in STATES]
+
+
+def process_alive(record: Path) -> bool:
+    """Whether the process a dvc-task record (`{"pid": ..., "returncode": ...}`, written when it starts) names is
+    still running: no return code yet, and the pid exists."""
+    try:
+        info = json.loads(record.read_text())
+        if info.get("returncode") is not None or not info.get("pid"):
+            return False
+        os.kill(info["pid"], 0)
+        return True
+    except PermissionError:                 # alive, another user's
+        return True
+    except (ValueError, OSError):           # gone, or a record half-written
+        return False
 
 
 def task_process_alive(task: str) -> bool:
-    """Whether the process DVC started for a queue task (its short id) is alive. dvc-task records it in
-    `.dvc/tmp/exps/run/<task id>/<task id>.json` (an internal layout of dvc 3.x: a task with no record there has
-    not started)."""
-    for record in Path(".dvc/tmp/exps/run").glob(f"{task}*/{task}*.json"):
-        try:
-            pid = json.loads(record.read_text()).get("pid")
-            if pid:
-                os.kill(pid, 0)
-                return True
-        except PermissionError:             # alive, another user's
-            return True
-        except (ValueError, OSError):       # a half-written record, or no such process
-            continue
-    return False
+    """Whether the experiment process DVC started for a queue task (its short id) is alive. dvc-task records it
+    in `.dvc/tmp/exps/run/<task id>/<task id>.json` (an internal layout of dvc 3.x): a task with no record there
+    has not started its process."""
+    return any(process_alive(r) for r in Path(".dvc/tmp/exps/run").glob(f"{task}*/{task}*.json"))
+
+
+def worker_alive() -> bool:
+    """Whether a queue worker's process is alive (dvc-task's `.dvc/tmp/exps/celery/dvc-exp-worker-*.json`): a
+    worker that does not answer `dvc queue status`'s inquiry in time still counts."""
+    return any(process_alive(r) for r in Path(".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"))
 
 
 def orphaned(status: str, tasks: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
-    """(task id, name) of tasks the queue shows as Running that nothing runs: no worker and no live process.
-    Seen on dvc 3.67 when a worker is stopped (`dvc queue stop`) just as it takes the next task: the task then
-    shows Running for ever, and `dvc exp show` fails on it."""
-    if "Worker status: 0 active, 0 idle" not in status:
+    """(task id, name) of tasks the queue shows as Running that nothing runs: no worker (in the status, and no
+    worker process) and no experiment process. Seen on dvc 3.67 when a worker is stopped (`dvc queue stop`) just as
+    it takes the next task: the task then shows Running for ever, and `dvc exp show` fails on it."""
+    if "Worker status: 0 active, 0 idle" not in status or worker_alive():
         return []
     return [(task, name) for task, name, state in tasks if state == "Running" and not task_process_alive(task)]
 
@@ -299,8 +324,8 @@ def kill_orphans(orphans: list[tuple[str, str]]) -> set[str]:
     """`dvc queue kill` each (it then shows as Failed, and `dvc exp show` works again); returns their task ids."""
     for task, name in orphans:
         stage.log.warning("ablations: %s (task %s) shows Running in the DVC queue but nothing runs it; killing it",
-                          name, task)
-        dvc("queue", "kill", task, check=False)
+                          name or "an unnamed experiment", task)
+        dvc("queue", "kill", task)          # raises if it cannot: the loop would otherwise wait on it for ever
     return {task for task, _ in orphans}
 
 
@@ -316,11 +341,17 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
     if stale:                                     # --force: drop the old ones (`dvc exp run -f` would instead
         dvc("exp", "remove", *stale)              # recompute every stage of the experiment, shared ones too)
 
-    def enqueue(name: str):
+    def enqueue(name: str, check: bool = True) -> bool:
         ov = todo[name]
-        dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")])
+        p = dvc("exp", "run", "--queue", "-n", name, *[a for k, v in ov.items() for a in ("-S", f"{k}={v}")],
+                check=check)
+        if p.returncode:
+            stage.log.warning("ablations: could not queue %s again: %s", name, p.stderr.strip()[-500:])
+        return p.returncode == 0
 
-    in_queue = {name for _, name, state in queue_status()[1] if state in ("Queued", "Running")}
+    tasks = queue_status()[1]
+    earlier = {task for task, *_ in tasks}             # their failures are not this run's to report
+    in_queue = {name for _, name, state in tasks if state in ("Queued", "Running")}
     if in_queue & set(todo):
         stage.log.info("ablations: already in the DVC queue, not queued again: %s", sorted(in_queue & set(todo)))
     for name in todo:
@@ -341,12 +372,11 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
         orphan_polls = orphan_polls + 1 if orphans else 0
         if orphan_polls >= 3:                     # three polls in a row: not a worker that is about to start it
             killed |= kill_orphans(orphans)
-            for _, name in orphans:
-                if name in todo:                  # ours: queue it again (one queued by hand is only killed)
-                    enqueue(name)
-                    queued += 1
+            for _, name in orphans:               # ours are queued again (one queued by hand is only killed)
+                queued += name in todo and enqueue(name, check=False)  # fails if the experiment exists already
             orphan_polls = 0
-        if queued and "Worker status: 0 active, 0 idle" in status and time.time() - started > 30:
+        if queued and "Worker status: 0 active, 0 idle" in status and time.time() - started > 30 \
+                and not worker_alive():
             # seen on dvc 3.67: a worker can exit with experiments still queued (e.g. after `dvc queue stop`);
             # a new one takes about 15 s to show in the status
             stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", queued)
@@ -355,7 +385,8 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
         time.sleep(10)
     bar.close()
     dvc("queue", "stop", check=False)                 # the idle worker would otherwise stay behind
-    failed = [name for task, name, state in queue_status()[1] if state == "Failed" and task not in killed]
+    failed = [name or task for task, name, state in queue_status()[1]
+              if state == "Failed" and task not in killed | earlier]
     stage.log.info("ablations: queue finished in %.1f min%s", (time.time() - start) / 60,
                    f"; failed: {failed} (see `dvc queue logs <name>`)" if failed else "")
 

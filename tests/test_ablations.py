@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import manifest
+from pipeline import ablations, manifest
 from pipeline.judges import dino_embed, to_pixels
 from test_resume import run_stage
 
@@ -205,12 +205,23 @@ def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_ordering
     assert "not run" in table_d and "**Incomplete:**" in table_d
 
 
+def test_queue_status_rows_are_cut_at_the_header_columns():
+    """`dvc queue status` as dvc 3.67 prints it, with an unnamed task and dates of one to three words."""
+    text = ("Task     Name         Created       Status\n"
+            "d4ce7d8  td-b500-s0   12:54 AM      Running\n"
+            "dd69d03               Nov 27, 2026  Failed\n"
+            "939e167  td-b2000-s0  Yesterday     Success\n"
+            "\nWorker status: 0 active, 0 idle\n")
+    assert ablations.parse_queue_status(text) == [("d4ce7d8", "td-b500-s0", "Running"), ("dd69d03", "", "Failed"),
+                                                  ("939e167", "td-b2000-s0", "Success")]
+    assert ablations.parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle") == []
+
+
 def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
     """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
-    run as experiments, and a second run finds them all done. A task left Running with nothing running it is
-    killed and queued again. The queue's worker is stopped while the first experiment runs (`dvc queue stop` lets
-    it finish that one and exit, or, as it takes the next task, leaves that one orphaned): ablations must start
-    a new worker either way."""
+    run as experiments, and a second run finds them all done. A task left Running with nothing running it, by an
+    earlier run or during this one, is killed and queued again. The queue's worker is stopped while the first
+    experiment runs (`dvc queue stop` lets it finish that one and exit): ablations must start a new one."""
     import subprocess
     import sys
     import time
@@ -238,6 +249,17 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
             break
         time.sleep(1)
     assert "Queued" in status, status                  # experiments still wait when the worker goes
+    # While the worker is busy, one waiting task is taken from the inbox as a worker would take it: after the
+    # worker stops, ablations must find it orphaned mid-run (no worker, no process), kill it and queue it again.
+    taken = None
+    for msg in sorted((broker / "in").glob("*.celery.msg")):
+        try:
+            msg.rename(broker / "processed" / msg.name)
+            taken = msg
+            break
+        except FileNotFoundError:                      # the worker took it first
+            continue
+    assert taken is not None
     run([sys.executable, "-m", "dvc", "queue", "stop"], repo)
     try:
         out, err = proc.communicate(timeout=900)       # without a new worker it would wait for ever
@@ -247,7 +269,9 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     assert proc.returncode == 0, err[-3000:]
     assert "3 experiments planned, 0 already on this commit, 3 to run" in err, err[-3000:]
     assert "no DVC queue worker is left" in err, err[-3000:]
-    assert "td-b2000-s0 (task" in err and "nothing runs it; killing it" in err, err[-3000:]
+    assert f"td-b2000-s0 (task {orphan})" in err, err[-3000:]
+    assert err.count("nothing runs it; killing it") >= 2, err[-3000:]   # the earlier run's orphan and the new one
+    assert "failed:" not in err, err[-3000:]
     names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
     assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names)
     text = (repo / "reports/ablations.md").read_text()
