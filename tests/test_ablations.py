@@ -151,7 +151,6 @@ def test_speed_options_run_the_training_stages(work_repo, option):
 # `make ablations` (pipeline/ablations.py)
 # ---------------------------------------------------------------------------------------------------------
 def test_the_ablation_plan_covers_the_papers_tables_with_their_seeds(monkeypatch):
-    from pipeline import ablations
     from conftest import REPO
     monkeypatch.chdir(REPO)
     plan = ablations.planned()
@@ -169,7 +168,6 @@ def test_the_ablation_plan_covers_the_papers_tables_with_their_seeds(monkeypatch
 
 
 def test_the_ablations_report_puts_ours_beside_the_paper_and_checks_the_orderings(tmp_path, monkeypatch):
-    from pipeline import ablations
     from conftest import REPO
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
