@@ -230,17 +230,19 @@ def head() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def finished() -> dict[str, dict]:
-    """Experiments on the current commit that have `reports/metrics.json`: name -> {"params", "metrics"}."""
-    rev = head()        # a sha: dvc 3.67 resolves `--rev HEAD` to the branch's first commit after a rebase
-    rows = json.loads(dvc("exp", "show", "--json", "--no-fetch", "--rev", rev).stdout or "[]")
-    out = {}
+def experiments_on_head() -> tuple[dict[str, dict], set[str]]:
+    """The experiments on the current commit: those done, with `reports/metrics.json` (name -> {"params",
+    "metrics"}), and the names of those queued or running."""
+    head_rev = head()   # a sha: dvc 3.67 resolves `--rev HEAD` to the branch's first commit after a rebase
+    rows = json.loads(dvc("exp", "show", "--json", "--no-fetch", "--rev", head_rev).stdout or "[]")
+    done, in_flight = {}, set()
     for baseline in rows:
-        if baseline.get("rev") != rev:
+        if baseline.get("rev") != head_rev:
             continue
         for exp in baseline.get("experiments") or []:
             if (exp.get("executor") or {}).get("state") in ("queued", "running"):
-                continue                                       # a running one shows the workspace's metrics
+                in_flight.add(exp.get("name") or "")           # a running one shows the workspace's metrics
+                continue
             for rev in exp.get("revs") or []:
                 if rev.get("rev") == "workspace":
                     continue
@@ -249,8 +251,13 @@ def finished() -> dict[str, dict]:
                 name = rev.get("name") or data.get("name")
                 if name and metrics and not rev.get("error"):
                     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                    out.setdefault(name, {"params": params, "metrics": metrics})
-    return out
+                    done.setdefault(name, {"params": params, "metrics": metrics})
+    return done, in_flight - {""}
+
+
+def finished() -> dict[str, dict]:
+    """Experiments on the current commit that have `reports/metrics.json`: name -> {"params", "metrics"}."""
+    return experiments_on_head()[0]
 
 
 def start_workers(jobs: int):
@@ -331,7 +338,7 @@ def kill_orphans(orphans: list[tuple[str, str]]) -> set[str]:
 
 def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
     killed = kill_orphans(orphaned(*queue_status()))      # left by an earlier run; they would break `exp show`
-    done, plan = finished(), planned(tables)
+    (done, in_flight), plan = experiments_on_head(), planned(tables)
     todo = {n: ov for n, ov in plan.items() if force or n not in done}
     stage.log.info("ablations: %d experiments planned, %d already on this commit, %d to run", len(plan),
                    len(plan) - len(todo), len(todo))
@@ -349,13 +356,12 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
             stage.log.warning("ablations: could not queue %s again: %s", name, p.stderr.strip()[-500:])
         return p.returncode == 0
 
-    tasks = queue_status()[1]
-    earlier = {task for task, *_ in tasks}             # their failures are not this run's to report
-    in_queue = {name for _, name, state in tasks if state in ("Queued", "Running")}
-    if in_queue & set(todo):
-        stage.log.info("ablations: already in the DVC queue, not queued again: %s", sorted(in_queue & set(todo)))
+    earlier = {task for task, *_ in queue_status()[1]}  # their failures are not this run's to report
+    if in_flight & set(todo):
+        stage.log.info("ablations: already in the DVC queue on this commit, not queued again: %s",
+                       sorted(in_flight & set(todo)))
     for name in todo:
-        if name not in in_queue:
+        if name not in in_flight:
             enqueue(name)
     start = started = time.time()
     start_workers(jobs)

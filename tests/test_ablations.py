@@ -218,8 +218,9 @@ def test_queue_status_rows_are_cut_at_the_header_columns():
 def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
     """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
     run as experiments, and a second run finds them all done. A task left Running with nothing running it, by an
-    earlier run or during this one, is killed and queued again. The queue's worker is stopped while the first
-    experiment runs (`dvc queue stop` lets it finish that one and exit): ablations must start a new one."""
+    earlier run or during this one, is killed and queued again; one already queued is not queued twice. The
+    queue's worker is stopped while the first experiment runs (`dvc queue stop` lets it finish that one and
+    exit): ablations must start a new one."""
     import subprocess
     import sys
     import time
@@ -238,6 +239,8 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     (line,) = [line for line in status.splitlines() if line.split()[1:2] == ["td-b2000-s0"]]
     assert line.endswith("Running"), status
     orphan = line.split()[0]
+    # and one queued by hand on this commit, as the plan would queue it: ablations must not queue it twice
+    run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", "td-b500-s0", "-S", "loss.beta=500.0"], repo)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td"], cwd=repo,
                             env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, status = time.time() + 300, ""
@@ -268,10 +271,11 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     assert "3 experiments planned, 0 already on this commit, 3 to run" in err, err[-3000:]
     assert "no DVC queue worker is left" in err, err[-3000:]
     assert f"td-b2000-s0 (task {orphan})" in err, err[-3000:]
+    assert "already in the DVC queue on this commit, not queued again: ['td-b500-s0']" in err, err[-3000:]
     assert err.count("nothing runs it; killing it") >= 2, err[-3000:]   # the earlier run's orphan and the new one
     assert "failed:" not in err, err[-3000:]
     names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
-    assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names)
+    assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names) and names.count("td-b500-s0") == 1, names
     text = (repo / "reports/ablations.md").read_text()
     table_d = text.split("## Table D")[1]
     assert "not run" not in table_d and "**Paper's ordering reproduced:" in table_d
