@@ -318,12 +318,15 @@ def worker_alive() -> bool:
     return any(process_alive(r) for r in Path(".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"))
 
 
-def orphaned(status: str, tasks: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
-    """(task id, name) of tasks the queue shows as Running that nothing runs: no worker (in the status, and no
-    worker process) and no experiment process. Seen on dvc 3.67 when a worker is stopped (`dvc queue stop`) just as
-    it takes the next task: the task then shows Running for ever, and `dvc exp show` fails on it."""
-    if "Worker status: 0 active, 0 idle" not in status or worker_alive():
-        return []
+def no_worker(status: str) -> bool:
+    """No queue worker: none in `dvc queue status`'s text, and no live worker process."""
+    return "Worker status: 0 active, 0 idle" in status and not worker_alive()
+
+
+def orphaned(tasks: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(task id, name) of the tasks shown as Running with no experiment process; orphans when there is no worker
+    either. Seen on dvc 3.67 when a worker is stopped (`dvc queue stop`) just as it takes the next task: the task
+    then shows Running for ever, and `dvc exp show` fails on it."""
     return [(task, name) for task, name, state in tasks if state == "Running" and not task_process_alive(task)]
 
 
@@ -337,7 +340,9 @@ def kill_orphans(orphans: list[tuple[str, str]]) -> set[str]:
 
 
 def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
-    killed = kill_orphans(orphaned(*queue_status()))      # left by an earlier run; they would break `exp show`
+    status, tasks = queue_status()
+    killed = kill_orphans(orphaned(tasks) if no_worker(status) else [])  # an earlier run's: they break `exp show`
+    earlier = {task for task, *_ in tasks}                # their failures are not this run's to report
     (done, in_flight), plan = experiments_on_head(), planned(tables)
     todo = {n: ov for n, ov in plan.items() if force or n not in done}
     stage.log.info("ablations: %d experiments planned, %d already on this commit, %d to run", len(plan),
@@ -356,7 +361,6 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
             stage.log.warning("ablations: could not queue %s again: %s", name, p.stderr.strip()[-500:])
         return p.returncode == 0
 
-    earlier = {task for task, *_ in queue_status()[1]}  # their failures are not this run's to report
     if in_flight & set(todo):
         stage.log.info("ablations: already in the DVC queue on this commit, not queued again: %s",
                        sorted(in_flight & set(todo)))
@@ -374,15 +378,15 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
         bar.update(len(todo) - queued - running - bar.n)
         if not queued and not running:
             break
-        orphans = orphaned(status, tasks)
+        idle = no_worker(status)
+        orphans = orphaned(tasks) if idle else []
         orphan_polls = orphan_polls + 1 if orphans else 0
         if orphan_polls >= 3:                     # three polls in a row: not a worker that is about to start it
             killed |= kill_orphans(orphans)
             for _, name in orphans:               # ours are queued again (one queued by hand is only killed)
                 queued += name in todo and enqueue(name, check=False)  # fails if the experiment exists already
             orphan_polls = 0
-        if queued and "Worker status: 0 active, 0 idle" in status and time.time() - started > 30 \
-                and not worker_alive():
+        if queued and idle and time.time() - started > 30:
             # seen on dvc 3.67: a worker can exit with experiments still queued (e.g. after `dvc queue stop`);
             # a new one takes about 15 s to show in the status
             stage.log.warning("ablations: no DVC queue worker is left and %d experiments wait; starting one", queued)

@@ -13,6 +13,7 @@ pure function of its seeds.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -101,15 +102,16 @@ def sample_context(rng: np.random.Generator) -> Context:
 def with_other_value(obj: Subject | Context, field: str, rng: np.random.Generator) -> Subject | Context:
     """`obj` with `field` set to another of its values, drawn uniformly, all else kept: one identity error (a
     near miss) for a Subject, one swapped context attribute (a hallucinated caption) for a Context."""
-    return other_values(obj, field, rng)[0]
+    return next(other_values(obj, field, rng))
 
 
-def other_values(obj: Subject | Context, field: str, rng: np.random.Generator) -> list[Subject | Context]:
-    """`obj` with each other value of `field`, starting from one drawn uniformly (one draw) and going on to the
-    next values in turn, cyclically, skipping `obj`'s own: a fallback order for a drawn value that is ruled out."""
+def other_values(obj: Subject | Context, field: str, rng: np.random.Generator) -> Iterator[Subject | Context]:
+    """`obj` with each other value of `field`, starting from one drawn uniformly (one draw, made now) and going on
+    to the next values in turn, cyclically, skipping `obj`'s own: a fallback order for a drawn value that is ruled
+    out. Lazy: each is built when asked for."""
     n, own = len(FIELDS[field]), getattr(obj, field)
     first = int(rng.integers(1, n))                     # offset from own, in 1..n-1
-    return [replace(obj, **{field: (own + 1 + (first - 1 + j) % (n - 1)) % n}) for j in range(n - 1)]
+    return (replace(obj, **{field: (own + 1 + (first - 1 + j) % (n - 1)) % n}) for j in range(n - 1))
 
 
 def all_contexts() -> list[Context]:

@@ -1,21 +1,22 @@
 """Stage `cdns`: Condition-Degradation Negative Sampling on Ray (METHOD.md section 3).
 
 Reads params `cdns`, `sampler` and `sfo.pairs`, `data/train`, `models/sft`, `models/judges` and
-`reports/guidance.json`. For the first `cdns.num_triplets` training triplets, the SFT base samples one negative
-from degraded conditions (`cdns.image`, `cdns.text`, pipeline/degrade.py; by default a blurred reference and the
-full prompt: docs/calibration.md says why the generic prompt is not the default here) with the evaluation's
-sampler settings and guidance scale. The paper's other pair constructions are made here too: `sfo.pairs:
-self_play` samples the negative from the undegraded conditions; `judge_dpo` samples twice from them and the DINO
-judge's preferred sample becomes the positive (`pos_png`); `sft_additional` keeps CDNS negatives, which the `sfo`
-stage then does not use. Ray actors each load the model once and take shards of rows (one GPU per actor where
-CUDA exists, one CPU slot each here); each shard is a Parquet file in `checkpoints/cdns/` (gitignored, not a DVC
-output), written under a temporary name and renamed. A rerun after a kill skips the shards that are complete and
-valid. An actor whose process dies is restarted by Ray and its shard retried (`MAX_RETRIES`); a shard that fails
-with an error stops the stage with the shard, its rows and the error. The driver then joins the shards into `data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row
-per input triplet, writes `reports/cdns.json` and empties the work directory. `reports/cdns/attributes.csv`
-(a DVC plot) says, per attribute, how often the attribute reader reads x- differently from x+ (the pretrained
-judges of real scale have no reader: the file then holds its header only). `judge_dpo` uses whichever DINO
-judge `models/judges` holds (judges.load_dino: embedded, or pretrained with its own preprocessing).
+`reports/guidance.json`. For the first `cdns.num_triplets` training triplets, the SFT base samples one negative from
+degraded conditions (`cdns.image`, `cdns.text`, pipeline/degrade.py; by default a blurred reference and the full
+prompt: docs/calibration.md says why the generic prompt is not the default here) with the evaluation's sampler
+settings and guidance scale. The paper's other pair constructions are made here too: `sfo.pairs: self_play` samples
+the negative from the undegraded conditions; `judge_dpo` samples twice from them and the DINO judge's preferred
+sample becomes the positive (`pos_png`); `sft_additional` keeps CDNS negatives, which the `sfo` stage then does not
+use. Ray actors each load the model once and take shards of rows (one GPU per actor where CUDA exists, one CPU slot
+each here); each shard is a Parquet file in `checkpoints/cdns/` (gitignored, not a DVC output), written under a
+temporary name and renamed. A rerun after a kill skips the shards that are complete and valid. An actor whose
+process dies is restarted by Ray and its shard retried (`MAX_RETRIES`); a shard that fails with an error stops the
+stage with the shard, its rows and the error. The driver then joins the shards into
+`data/negatives/manifest.parquet` (manifest.NEGATIVE_SCHEMA), exactly one row per input triplet, writes
+`reports/cdns.json` and empties the work directory. `reports/cdns/attributes.csv` (a DVC plot) says, per attribute,
+how often the attribute reader reads x- differently from x+ (the pretrained judges of real scale have no reader: the
+file then holds its header only). `judge_dpo` uses whichever DINO judge `models/judges` holds (judges.load_dino:
+embedded, or pretrained with its own preprocessing).
 
 A negative's noise and degradation randomness come from its own seed (`cdns.seed` and the row's index), so
 the output does not depend on the number of workers or on which worker took which shard.
