@@ -1,12 +1,12 @@
 """OminiControl-style subject conditioning on a diffusers `FluxTransformer2DModel` (METHOD.md section 2).
 
 The reference image is tokenised exactly like the target and its tokens join the image side of FLUX's joint
-attention as a second *branch*: their own position ids (shifted by `position_delta`, one image width along x
-by default) and their own timestep, 0, because the reference is clean. The stock `FluxTransformer2DModel.forward`
-gives every token one timestep, so this module runs the model's own blocks with a per-branch modulation:
-`_double_block` and `_single_block` below mirror diffusers' block forwards with one AdaLN modulation per
-branch and one joint attention over all tokens. Everything else (attention processor, RoPE, embedders,
-LoRA layers from peft) is diffusers' own.
+attention as a second *branch*: their own position ids (shifted by `position_delta`, in token units; the embedded
+default [0, -8] is one width of its 32 px / patch-4 grid, params/real.yaml sets FLUX's) and their own timestep,
+0, because the reference is clean. The stock `FluxTransformer2DModel.forward` gives every token one timestep, so
+this module runs the model's own blocks with a per-branch modulation: `_double_block` and `_single_block` below
+mirror diffusers' block forwards with one AdaLN modulation per branch and one joint attention over all tokens.
+Everything else (attention processor, RoPE, embedders, LoRA layers from peft) is diffusers' own.
 
 Token branches, in attention order: text (L tokens) | noisy image (N) | condition (N).
 """
@@ -68,6 +68,8 @@ def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
         if route is not None:
             route.branch(i, x.shape[1])
         mods.append(block.norm1(x, emb=e))
+    if route is not None:
+        route.branch(-1, txt.shape[1])
     txt_mod = block.norm1_context(txt, emb=temb_txt)
     img_attn, txt_attn = block.attn(hidden_states=torch.cat([m[0] for m in mods], 1),
                                     encoder_hidden_states=txt_mod[0], image_rotary_emb=rope)
@@ -78,6 +80,8 @@ def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
             route.branch(i, x.shape[1])
         out.append(_modulated_residual(x, a, *m[1:], block.norm2, block.ff))
     branches = out
+    if route is not None:
+        route.branch(-1, txt.shape[1])
     txt = _modulated_residual(txt, txt_attn, *txt_mod[1:], block.norm2_context, block.ff_context)
     return txt, branches
 
@@ -104,8 +108,9 @@ def _single_block(block, txt, branches, tembs, temb_txt, rope, route=None):
 class Route:
     """Per-token masks of the condition branch, by sequence length, set by `SubjectFlux.forward` for each call:
     the image side of a double block's attention is [noisy | condition] (2N tokens), a single block's sequence is
-    [text | noisy | condition] (L + 2N), and a double block's MLP reads one branch at a time (N, set per branch by
-    `_double_block`). A sequence with no entry (text, the final projection) gets no routed LoRA at all."""
+    [text | noisy | condition] (L + 2N), and per-branch layers (a double block's AdaLN and MLP, the text's own
+    layers, the final norm and projection) read one branch at a time, set by `branch` before each: the text and
+    the noisy branch get no routed LoRA, the condition branch all of it. A sequence with no entry gets none."""
 
     def __init__(self):
         self.masks: dict[int, torch.Tensor] = {}
@@ -299,6 +304,8 @@ class SubjectFlux(torch.nn.Module):
             route.set(c.txt.shape[1], [x_t.shape[1]] + ([c.cond.shape[1]] if c.cond is not None else []),
                       c.cond is not None, like=x_t)
         temb = self._temb(t.to(x_t.dtype), c.pooled)                                      # noisy branch and text
+        if route is not None:
+            route.branch(-1, c.txt.shape[1])
         txt = tr.context_embedder(c.txt)
         if route is not None:
             route.branch(0, x_t.shape[1])
@@ -314,6 +321,8 @@ class SubjectFlux(torch.nn.Module):
             txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope, self.route)
         for block in tr.single_transformer_blocks:
             txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope, self.route)
+        if route is not None:         # the final norm and projection read the noisy branch alone
+            route.branch(0, x_t.shape[1])
         return tr.proj_out(tr.norm_out(branches[0], temb))
 
     def _temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

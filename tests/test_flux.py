@@ -208,15 +208,25 @@ OMINI_TARGETS = (r".*(x_embedder|(?<!single_)transformer_blocks\.\d+\.(norm1\.li
                  r"|ff\.net\.2)|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.(to_q|to_k|to_v)))")
 
 
-def test_a_released_style_lora_loads_routed_to_the_condition_branch(tiny, tmp_path):
+def lora_on(tiny, targets: str, seed: int) -> SubjectFlux:
+    """A tiny model with a random-valued (acting) LoRA "sft" on `targets` (a peft regex), not routed."""
     from peft import LoraConfig
-    donor = build(tiny)
-    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=OMINI_TARGETS), adapter_name="sft")
-    randomize(donor, "sft", 3)
-    save_lora(donor, tmp_path / "omini", "sft")
-
     model = build(tiny)
-    add_lora(model, SFT_ADAPTER, 1, 1.0, routed=True, weights=tmp_path / "omini" / "pytorch_lora_weights.safetensors")
+    model.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets), adapter_name="sft")
+    randomize(model, "sft", seed)
+    return model
+
+
+def routed_from_file(tiny, donor: SubjectFlux, folder) -> SubjectFlux:
+    """`donor`'s LoRA saved as a file and loaded into a fresh model as the routed SFT LoRA (`sft.init_lora`)."""
+    save_lora(donor, folder, "sft")
+    model = build(tiny)
+    add_lora(model, SFT_ADAPTER, 1, 1.0, routed=True, weights=folder / "pytorch_lora_weights.safetensors")
+    return model
+
+
+def test_a_released_style_lora_loads_routed_to_the_condition_branch(tiny, tmp_path):
+    model = routed_from_file(tiny, lora_on(tiny, OMINI_TARGETS, 3), tmp_path / "omini")
     assert any("x_embedder" in n for n, _ in model.transformer.named_parameters() if ".sft." in n)
     x, t, c = inputs(model)
     norm = model.transformer.transformer_blocks[0].norm1.linear
@@ -227,3 +237,23 @@ def test_a_released_style_lora_loads_routed_to_the_condition_branch(tiny, tmp_pa
     assert (seen[1] - seen[3]).abs().max() > 1e-3
     assert (on - off).abs().max() > 1e-4
     torch.testing.assert_close(a, b, rtol=0, atol=0)     # no condition tokens: the base model exactly
+
+
+# Layers that read the text or the noisy branch alone: a routed LoRA on them must add nothing. In the tiny model the
+# text is as long as one branch (16 tokens), so a mask left over from the condition branch would reach the text.
+TEXT_AND_FINAL = (r"(context_embedder|norm_out\.linear|proj_out|transformer_blocks\.\d+\.(norm1_context\.linear"
+                  r"|ff_context\.net\.(0\.proj|2)|attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)))")
+
+
+def test_a_routed_lora_on_text_and_final_layers_adds_nothing(tiny, tmp_path):
+    plain = lora_on(tiny, TEXT_AND_FINAL, 5)
+    model = routed_from_file(tiny, plain, tmp_path / "textside")
+    names = {n.split(".lora_")[0] for n, _ in model.transformer.named_parameters() if ".sft." in n}
+    assert {"proj_out", "norm_out.linear", "context_embedder"} <= names
+    x, t, c = inputs(model)
+    assert c.txt.shape[1] == x.shape[1]
+    on, off, seen = on_and_off(model, model.transformer.proj_out, x, t, c)
+    torch.testing.assert_close(on, off, rtol=0, atol=0)
+    # the same LoRA unrouted does change the output: the test would see a leak
+    a, b, _ = on_and_off(plain, plain.transformer.proj_out, x, t, c)
+    assert (a - b).abs().max() > 1e-4
