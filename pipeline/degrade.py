@@ -5,7 +5,7 @@ pixels at the image's resolution) that erases pattern and mark but keeps class a
 pixel noise; `semantic`, the target scene itself instead of the plain-background reference (the paper's
 Table 4); `none`.
 Text (`cdns.text`): `generic`, "a photo of a {class}"; `perturbed`, the prompt with one context attribute
-swapped (the world's "hallucinated caption"); `none`.
+swapped (the world's "hallucinated caption"; embedded world only: real rows carry no context labels); `none`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,12 @@ def degrade_image(ref: np.ndarray, target: np.ndarray, kind: str, blur_radius: f
 
 
 def perturbed_prompt(cls: int, ctx: world.Context, rng: np.random.Generator) -> str:
-    """The prompt of the same class with one context attribute (background, position or size) changed."""
+    """The prompt of the same class with one context attribute (background, position or size) changed. Needs the
+    embedded world's labels: a real-scale row's are `manifest.UNKNOWN` (-1), which would index the world's
+    vocabulary from the end and caption a photo with an unrelated embedded scene."""
+    if min(cls, ctx.background, ctx.position, ctx.size) < 0:
+        raise ValueError(f"perturbed prompt: the row has no world labels (class {cls}, context {ctx}); "
+                         "cdns.text=perturbed needs prepare.source: embedded")
     attr = tuple(world.CONTEXT_ATTRS)[rng.integers(len(world.CONTEXT_ATTRS))]
     subject = world.Subject(cls, 0, 0, 0, 0, 0, 0, 0)                    # prompts name the class only
     return world.prompt(subject, world.with_other_value(ctx, attr, rng))

@@ -48,3 +48,6 @@ def test_text_degradations():
         others = [world.prompt(s, world.Context(**{**ctx.__dict__, a: v}))
                   for a, values in world.CONTEXT_ATTRS.items() for v in range(len(values)) if v != getattr(ctx, a)]
         assert p in others
+    unknown = world.Context(background=-1, position=-1, size=-1)   # a real-scale row: manifest.UNKNOWN labels
+    with pytest.raises(ValueError, match="prepare.source: embedded"):
+        degrade.degrade_text("a photo of a dog", "g", "perturbed", -1, unknown, rng)

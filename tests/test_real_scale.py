@@ -172,3 +172,19 @@ def test_sft_loads_a_given_lora_instead_of_training(flux_repo, tmp_path):
     assert "nothing to train" in p.stderr and "0 steps" in p.stderr
     saved, want = load_file(str(repo / "models/sft/pytorch_lora_weights.safetensors")), load_file(str(given))
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+
+
+def test_perturbed_prompts_are_refused_on_rows_without_world_labels(flux_repo, tmp_path):
+    """`cdns.text: perturbed` swaps one of the embedded world's context attributes; Subjects200K rows have none
+    (their labels are manifest.UNKNOWN), so the stage stops before starting Ray instead of captioning a photo with
+    an embedded-world scene."""
+    import shutil
+    repo = tmp_path / "repo"
+    shutil.copytree(flux_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["cdns"]["text"] = "perturbed"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (repo / "data/negatives/manifest.parquet").read_bytes()
+    p = run([sys.executable, "-m", "pipeline.stages.cdns"], repo, check=False)
+    assert p.returncode == 2 and "cdns.text=perturbed" in p.stderr and "use generic or none" in p.stderr, p.stderr
+    assert (repo / "data/negatives/manifest.parquet").read_bytes() == before

@@ -234,6 +234,10 @@ def main():
     if not (Path(MODEL) / "subject_flux.json").exists():
         raise config.ConfigError(f"{MODEL}: no trained SFT base; run `dvc repro sft`")
     n = table.num_rows if cfg.num_triplets == 0 else min(cfg.num_triplets, table.num_rows)
+    if cfg.text == "perturbed" and pairs in ("cdns", "sft_additional") and \
+            manifest.UNKNOWN in table.column("cls").slice(0, n).to_pylist():
+        raise config.ConfigError(f"{DATA}: cdns.text=perturbed swaps one of the embedded world's context attributes, "
+                                 "and these rows carry none (prepare.source: subjects200k); use generic or none")
     shards = make_shards(table.slice(0, n), cfg)
     ids = [i for shard in shards for i in shard["id"]]
     work = checkpoint.WorkDir(WORK, checkpoint.fingerprint(
