@@ -84,3 +84,11 @@ def test_docs_params_lists_every_key_with_its_default():
             assert meaning, (section, key)
             documented[section][key.strip("`")] = yaml.safe_load(default.strip("`"))
     assert documented == params
+
+
+@pytest.mark.parametrize("patch", sorted(p.name for p in (REPO / "docs/probes").glob("*.patch")))
+def test_documented_probe_patches_still_apply(patch):
+    """docs/calibration.md tells users to `git apply` these probes: they must apply to the code as it is."""
+    import subprocess
+    p = subprocess.run(["git", "apply", "--check", f"docs/probes/{patch}"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
