@@ -133,7 +133,9 @@ class PretrainedJudges:
                 "clip_text": f"CLIPModel.get_text_features(input_ids).pooler_output (projected); the model's "
                              f"tokenizer, prompt as written, truncated at {n_text} tokens"},
             "preprocessing": {"dino": describe(self.dino_processor), "clip": describe(self.clip_processor),
-                              "input": "uint8 RGB (N, H, W, 3)"},
+                              "input": "uint8 RGB (N, H, W, 3); the prepare stage has cut every photo to a "
+                                       "square (DreamBench: the centre; Subjects200K: each half of the pair, "
+                                       "padding removed) and resized it to prepare.image_size (bicubic)"},
             "reference_pairing": self.pairing, "pairing_rule": PAIRING[self.pairing],
             "scale": "x1 (cosines in [-1, 1])",
             "absent": "id_acc, ctx_acc, acc_*, subject_mse: they need the embedded world's labels and renders",

@@ -27,6 +27,13 @@ def corrupt_negative(repo):
     pq.write_table(t.set_column(t.schema.get_field_index("neg_png"), "neg_png", pa.array(col, pa.binary())), path)
 
 
+def control_sampled_at_another_guidance(repo):
+    import json
+    path = repo / "reports/eval/control/metrics.json"
+    ev = json.loads(path.read_text())
+    path.write_text(json.dumps({**ev, "guidance": ev["guidance"] + 1.0}))
+
+
 def drop_prompt(repo):
     path = next((repo / "data/train").glob("shard-*.parquet"))
     t = pq.read_table(path)
@@ -54,9 +61,11 @@ CASES = {
     "corrupt image in a CDNS shard": ("cdns", corrupt_train_target,
                                       r"cdns: shard \d+ \(rows 'train-.*'\) failed: ConfigError: data/train: "
                                       r"row id='train-\d+-\d+' column 'target_png': image bytes cannot be decoded"),
+    "models evaluated unalike": ("metrics", control_sampled_at_another_guidance,
+                                 r"reports/eval/control/metrics.json: sampled unlike reports/eval/sft.*'guidance'"),
     "missing judges": ("evaluate", lambda r: shutil.rmtree(r / "models/judges/reader"), "judge missing"),
 }
-OUTPUTS = {**OUTPUTS, "evaluate": ["reports/eval/sft", "checkpoints/evaluate-sft"]}
+OUTPUTS = {**OUTPUTS, "evaluate": ["reports/eval/sft", "checkpoints/evaluate-sft"], "metrics": ["reports/metrics.json"]}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -57,6 +57,7 @@ def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
     assert control_curve[0].startswith("step,loss,err_pos,ref_err_pos") and len(control_curve) == 4
     page = (smoke_repo / "reports/index.html").read_text()
     assert "SFT-additional (control)" in page and page.count('class="group control"') == 3   # one per bench subject
+    assert "on the embedded bench:" in page and "The oracle row scores the ground-truth renders." in page
 
 
 def test_second_repro_is_a_noop(smoke_repo):

@@ -77,7 +77,9 @@ def test_every_real_scale_stage_runs_and_saves_what_it_should(flux_repo):
         assert m["n_images"] == 2 * 2 * 2
     metrics = json.loads((r / "reports/metrics.json").read_text())
     assert "sfo_minus_sft" in metrics
-    assert (r / "reports/index.html").exists()
+    page = (r / "reports/index.html").read_text()
+    assert "on the bench:" in page and "not a ceiling" in page and "ground-truth renders" not in page
+    assert "centre" in metrics["protocol"]["preprocessing"]["input"]
     log = (r / "repro.log").read_text()
     assert "backbone flux + LoRA rank 4" in log
 

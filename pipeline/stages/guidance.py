@@ -2,9 +2,12 @@
 
 Reads params `guidance` and `sampler`, `data/val` (subjects disjoint from train and bench), `models/sft`,
 `models/judges`. Samples the validation split at every scale in `guidance.scales` with the SFT base and keeps
-the one with the highest `dino`. `cdns` and both `evaluate` stages then sample with it, so SFO is compared
-with a well-tuned base, never with a strawman, and the bench is never used to tune anything.
-Writes `reports/guidance.json`: the chosen scale and every scale's six measures.
+the one with the highest `dino`. `cdns` and the three `evaluate` stages (sft, sfo, control) then sample with it,
+so SFO is compared with a well-tuned base, never with a strawman, and the bench is never used to tune anything.
+Each validation image is scored against its own row's reference: a validation subject has that one photo
+(the bench's, with the pretrained judges, are scored against all of their subject's photos in data/bench_refs).
+Writes `reports/guidance.json`: the chosen scale and every scale's measures (six with the embedded judges,
+dino, clip_i and clip_t with the pretrained ones).
 """
 from __future__ import annotations
 

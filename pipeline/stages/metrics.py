@@ -1,12 +1,17 @@
 """Stage `metrics`: the final table, `reports/metrics.json`.
 
-Reads `reports/eval/{sft,sfo,control}/{metrics.json,scores.csv}`, and scores the ground-truth bench renders
-with the same judges (`oracle`: the ceiling of every measure on these judges). Writes `sft`, `sfo`, `control`
-(the SFT-additional control) and `oracle`, each with the six measures; the differences `sfo_minus_sft`,
+Reads `reports/eval/{sft,sfo,control}/{metrics.json,scores.csv}`, and scores the ground-truth bench renders with
+the same judges (`oracle`: with the embedded judges the ground-truth renders, the ceiling of every measure; at
+real scale DreamBench has no ground truth and `truth` is each subject's first photo, itself one of the
+references, so its dino and clip_i include a self-similarity and it is no ceiling). Writes `sft`, `sfo`,
+`control` (the SFT-additional control) and `oracle`, each with the six measures; the differences `sfo_minus_sft`,
 `control_minus_sft` and `sfo_minus_control`, each with its paired standard error (`..._sem`: all models sample
-the same rows with the same seeds, so the per-image differences are paired); the guidance scale every model
-was sampled with, and the protocol (as `evaluate` wrote it). No params. With the pretrained judges (real scale)
-the measures are dino, clip_i and clip_t, the oracle's scored against `data/bench_refs` like the samples.
+the same rows with the same seeds, so the per-image differences are paired; the images are treated as
+independent, though those of one subject are not, so it understates the spread over subjects: the project's bars
+use the standard deviation over seeds of CDNS, SFO and sampling, `reports/ablations.md`); the guidance scale,
+image count and protocol, as `evaluate` wrote them, after checking that the three models were sampled alike
+(guidance, sampler, seeds per prompt, image count). No params. With the pretrained judges (real scale) the measures are dino, clip_i and clip_t, the oracle's scored
+against `data/bench_refs` like the samples.
 """
 from __future__ import annotations
 
@@ -36,11 +41,19 @@ DIFFERENCES = (("sfo", "sft"), ("control", "sft"), ("sfo", "control"))   # (b, a
 
 
 def paired_sem(a: dict, b: dict, m: str) -> float:
-    """Standard error of the mean per-image difference b - a (same images in the same order)."""
+    """Standard error of the mean per-image difference b - a (same images in the same order), images taken as
+    independent."""
     if a["key"] != b["key"]:
         raise ConfigError("reports/eval/*/scores.csv: two models were not scored on the same images")
     d = b[m] - a[m]
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def how_sampled(ev: dict) -> dict:
+    """What must be the same for every model's samples (the sampler's batch size changes no sample)."""
+    sampler = {k: v for k, v in (ev.get("sampler") or {}).items() if k != "batch_size"}
+    return {"guidance": ev.get("guidance"), "sampler": sampler, "seeds_per_prompt": ev.get("seeds_per_prompt"),
+            "n_images": ev.get("n_images")}
 
 
 def main():
@@ -50,6 +63,11 @@ def main():
         if not path.exists():
             raise ConfigError(f"{path}: missing; run `dvc repro evaluate@{name}`")
         evals[name] = json.loads(path.read_text())
+    for name in MODELS[1:]:         # a fair comparison: every model sampled alike (DVC ensures it; a hand run may not)
+        if diff := {k: (how_sampled(evals[name])[k], v) for k, v in how_sampled(evals["sft"]).items()
+                    if how_sampled(evals[name])[k] != v}:
+            raise ConfigError(f"reports/eval/{name}/metrics.json: sampled unlike reports/eval/sft ({name}, sft): "
+                              f"{diff}; rerun `dvc repro` so that all three models are evaluated alike")
     b = evaluation.bench_arrays(manifest.read(BENCH), BENCH)
     judges = Judges.load(JUDGES)
     subject_refs, _ = evaluation.subject_references(judges, BENCH, b["subjects"])

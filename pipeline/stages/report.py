@@ -164,14 +164,18 @@ def main():
     # a curve whose columns a run did not log is left out (sfo.pairs=sft_additional logs no pair diagnostics)
     curves = "".join(svg_curve(t, rows, cols) for t, p, cols in CURVES
                      if (rows := read_csv(p)) and all(c in rows[0] for c in cols))
+    real = ev["protocol"].get("source") == "pretrained"      # real scale: DreamBench photos, no ground truth
+    bench_name = "the bench" if real else "the embedded bench"
+    oracle = ("The oracle row scores each subject's first photo, itself one of the references (DreamBench has no "
+              "ground truth): not a ceiling." if real else "The oracle row scores the ground-truth renders.")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SFO Pipeline report</title>
 <style>{STYLE}</style></head><body>
 <h1>SFO Pipeline report</h1>
 <p>SFT base, SFT-additional control (the SFO LoRA trained with the plain SFT loss on the same positives) and SFO
-on the embedded bench: {ev['n_subjects']} held-out subjects, {ev['n_images']} images per model,
+on {bench_name}: {ev['n_subjects']} held-out subjects, {ev['n_images']} images per model,
 {ev['seeds_per_prompt']} seeds per prompt, the same seeds for every model, {ev['sampler']['steps']} Euler steps,
 guidance {m['guidance']:g} (chosen for the SFT base's dino on a validation split of other subjects).
-The oracle row scores the ground-truth renders.</p>
+{oracle}</p>
 <h2>Metrics</h2>{metrics_table(m)}
 <h3>Evaluation protocol</h3><ul>{protocol}</ul>
 <h2>Training curves</h2><div class="curves">{curves}</div>
