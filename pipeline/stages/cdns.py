@@ -67,10 +67,6 @@ class NegativeWorker:
     def ready(self) -> bool:
         return True
 
-    def degradations(self, cfg: config.Cdns) -> tuple[str, str]:
-        """CDNS degrades the conditions; self-play and judge DPO sample from the conditions as they are."""
-        return (cfg.image, cfg.text) if self.pairs in ("cdns", "sft_additional") else ("none", "none")
-
     def _sample(self, cond: np.ndarray, prompts: list[str], seeds: list[int]) -> np.ndarray:
         out, s = [], self.sampler
         for i in range(0, len(cond), s.batch_size):
@@ -87,7 +83,7 @@ class NegativeWorker:
         return torch.nn.functional.cosine_similarity(a, b).cpu().numpy()
 
     def generate(self, shard: dict, cfg: config.Cdns, out_path: str) -> str:
-        image_kind, text_kind = self.degradations(cfg)
+        image_kind, text_kind = degradations(self.pairs, cfg)
         cond, prompts, refs = [], [], []
         for i, row_id in enumerate(shard["id"]):
             where = f"{DATA}: row id={row_id!r}"
@@ -113,6 +109,11 @@ class NegativeWorker:
         checkpoint.fault_point("cdns:worker-shard")
         manifest.write_table_atomic(pa.Table.from_pylist(rows, schema=manifest.NEGATIVE_SCHEMA), out_path)
         return out_path
+
+
+def degradations(pairs: str, cfg: config.Cdns) -> tuple[str, str]:
+    """(image, text) degradation: CDNS degrades the conditions; self-play and judge DPO sample from them as they are."""
+    return (cfg.image, cfg.text) if pairs in ("cdns", "sft_additional") else ("none", "none")
 
 
 def start_ray(cfg: config.Cdns, attempts: int = 3):
@@ -234,7 +235,7 @@ def main():
     if not (Path(MODEL) / "subject_flux.json").exists():
         raise config.ConfigError(f"{MODEL}: no trained SFT base; run `dvc repro sft`")
     n = table.num_rows if cfg.num_triplets == 0 else min(cfg.num_triplets, table.num_rows)
-    if cfg.text == "perturbed" and pairs in ("cdns", "sft_additional") and \
+    if degradations(pairs, cfg)[1] == "perturbed" and \
             manifest.UNKNOWN in table.column("cls").slice(0, n).to_pylist():
         raise config.ConfigError(f"{DATA}: cdns.text=perturbed swaps one of the embedded world's context attributes, "
                                  "and these rows carry none (prepare.source: subjects200k); use generic or none")

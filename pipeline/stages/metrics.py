@@ -10,8 +10,8 @@ the same rows with the same seeds, so the per-image differences are paired; the 
 independent, though those of one subject are not, so it understates the spread over subjects: the project's bars
 use the standard deviation over seeds of CDNS, SFO and sampling, `reports/ablations.md`); the guidance scale,
 image count and protocol, as `evaluate` wrote them, after checking that the three models were sampled alike
-(guidance, sampler, seeds per prompt, image count). No params. With the pretrained judges (real scale) the measures are dino, clip_i and clip_t, the oracle's scored
-against `data/bench_refs` like the samples.
+(guidance, sampler, seeds per prompt, image count). No params. With the pretrained judges (real scale) the
+measures are dino, clip_i and clip_t, the oracle's scored against `data/bench_refs` like the samples.
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def main():
             raise ConfigError(f"{path}: missing; run `dvc repro evaluate@{name}`")
         evals[name] = json.loads(path.read_text())
     for name in MODELS[1:]:         # a fair comparison: every model sampled alike (DVC ensures it; a hand run may not)
-        if diff := {k: (how_sampled(evals[name])[k], v) for k, v in how_sampled(evals["sft"]).items()
-                    if how_sampled(evals[name])[k] != v}:
+        mine, base = how_sampled(evals[name]), how_sampled(evals["sft"])
+        if diff := {k: (mine[k], base[k]) for k in base if mine[k] != base[k]}:
             raise ConfigError(f"reports/eval/{name}/metrics.json: sampled unlike reports/eval/sft ({name}, sft): "
                               f"{diff}; rerun `dvc repro` so that all three models are evaluated alike")
     b = evaluation.bench_arrays(manifest.read(BENCH), BENCH)
