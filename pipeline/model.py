@@ -60,28 +60,30 @@ def _modulated_residual(x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, n
     return x + gate_mlp[:, None] * ff(norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
 
 
+def _next_branch(route, index: int, n: int | None):
+    """Tell `route` (None: no routed LoRA) which branch the next per-branch layers read (`Route.branch`)."""
+    if route is not None:
+        route.branch(index, n)
+
+
 def _double_block(block, txt, branches, tembs, temb_txt, rope, route=None):
     """FluxTransformerBlock over text + image-side branches, each branch modulated by its own temb. `route`
     (a `Route`, backbone flux) tells the routed LoRA which branch the per-branch MLP is reading."""
     mods = []                                                          # (normed, gate_msa, shift, scale, gate_mlp)
     for i, (x, e) in enumerate(zip(branches, tembs)):
-        if route is not None:
-            route.branch(i, x.shape[1])
+        _next_branch(route, i, x.shape[1])
         mods.append(block.norm1(x, emb=e))
-    if route is not None:
-        route.branch(-1, txt.shape[1])
+    _next_branch(route, -1, txt.shape[1])
     txt_mod = block.norm1_context(txt, emb=temb_txt)
     img_attn, txt_attn = block.attn(hidden_states=torch.cat([m[0] for m in mods], 1),
                                     encoder_hidden_states=txt_mod[0], image_rotary_emb=rope)
     sizes = [x.shape[1] for x in branches]
     out = []
     for i, (x, a, m) in enumerate(zip(branches, img_attn.split(sizes, 1), mods)):
-        if route is not None:
-            route.branch(i, x.shape[1])
+        _next_branch(route, i, x.shape[1])
         out.append(_modulated_residual(x, a, *m[1:], block.norm2, block.ff))
     branches = out
-    if route is not None:
-        route.branch(-1, txt.shape[1])
+    _next_branch(route, -1, txt.shape[1])
     txt = _modulated_residual(txt, txt_attn, *txt_mod[1:], block.norm2_context, block.ff_context)
     return txt, branches
 
@@ -91,8 +93,7 @@ def _single_block(block, txt, branches, tembs, temb_txt, rope, route=None):
     seqs, embs = [txt, *branches], [temb_txt, *tembs]
     mods = []
     for i, (x, e) in enumerate(zip(seqs, embs)):
-        if route is not None:              # a routed LoRA on the AdaLN (released OminiControl LoRAs have one)
-            route.branch(i - 1, None)
+        _next_branch(route, i - 1, None)   # a routed LoRA on the AdaLN (released OminiControl LoRAs have one)
         mods.append(block.norm(x, emb=e))
     normed, gates = zip(*mods)
     h = torch.cat(normed, 1)
@@ -304,15 +305,12 @@ class SubjectFlux(torch.nn.Module):
             route.set(c.txt.shape[1], [x_t.shape[1]] + ([c.cond.shape[1]] if c.cond is not None else []),
                       c.cond is not None, like=x_t)
         temb = self._temb(t.to(x_t.dtype), c.pooled)                                      # noisy branch and text
-        if route is not None:
-            route.branch(-1, c.txt.shape[1])
+        _next_branch(route, -1, c.txt.shape[1])
         txt = tr.context_embedder(c.txt)
-        if route is not None:
-            route.branch(0, x_t.shape[1])
+        _next_branch(route, 0, x_t.shape[1])
         branches, tembs, ids = [tr.x_embedder(x_t)], [temb], [self.txt_ids, self.img_ids]
         if c.cond is not None:                                                            # the subject branch
-            if route is not None:
-                route.branch(1, c.cond.shape[1])
+            _next_branch(route, 1, c.cond.shape[1])
             branches.append(tr.x_embedder(c.cond))
             tembs.append(self._temb(torch.zeros_like(t, dtype=x_t.dtype), c.pooled))      # clean: t = 0
             ids.append(self.cond_ids)
@@ -321,8 +319,7 @@ class SubjectFlux(torch.nn.Module):
             txt, branches = self._maybe_checkpoint(_double_block, block, txt, branches, tembs, temb, rope, self.route)
         for block in tr.single_transformer_blocks:
             txt, branches = self._maybe_checkpoint(_single_block, block, txt, branches, tembs, temb, rope, self.route)
-        if route is not None:         # the final norm and projection read the noisy branch alone
-            route.branch(0, x_t.shape[1])
+        _next_branch(route, 0, x_t.shape[1])         # the final norm and projection read the noisy branch alone
         return tr.proj_out(tr.norm_out(branches[0], temb))
 
     def _temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
