@@ -45,7 +45,7 @@ def test_repro_runs_every_stage_and_writes_every_output(smoke_repo):
     for b, a in (("sfo", "sft"), ("control", "sft"), ("sfo", "control")):
         for m in MEASURES:
             assert metrics[f"{b}_minus_{a}"][m] == pytest.approx(metrics[b][m] - metrics[a][m])
-            assert metrics[f"{b}_minus_{a}_sem"][m] >= 0
+            assert metrics[f"{b}_minus_{a}_sem"][m] >= 0 and metrics[f"{b}_minus_{a}_subject_sem"][m] >= 0
     assert metrics["oracle"]["subject_mse"] == 0.0
     guidance = json.loads((smoke_repo / "reports/guidance.json").read_text())
     assert set(guidance["scales"]) == {"1", "2"} and guidance["chosen"] in (1.0, 2.0)
