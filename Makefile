@@ -39,9 +39,10 @@ bench: setup
 # The paper's Tables 3, 4, B, C and D as DVC experiments on top of the current commit (the default run first),
 # then reports/ablations.md; reruns only what is missing. 72-86 min on 2 cores after `make repro` (134 min on a
 # slower AMD EPYC; README "Ablations").
+ABLATIONS_JOBS ?= 2
 ablations: setup
 	dvc repro
-	$(BIN)/python -m pipeline.ablations run
+	$(BIN)/python -m pipeline.ablations run --jobs $(ABLATIONS_JOBS)
 
 # Experiments side by side, only the headline metrics and the params the ablations sweep.
 exps: setup

@@ -260,10 +260,21 @@ def finished() -> dict[str, dict]:
     return experiments_on_head()[0]
 
 
+def worker_env(jobs: int, environ: dict, cores: int | None) -> dict:
+    """The environment of the queue's workers, which their experiments' stages inherit: the interpreter's bin
+    directory first on PATH (dvc.yaml calls `python`), and with several workers the cores split between them
+    (`SFO_THREADS`, pipeline/stage.py), unless the caller set it: two experiments at all cores each would
+    oversubscribe the machine. One thread and two give the same bytes (docs/reliability.md, Determinism)."""
+    env = {**environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])}
+    if jobs > 1 and not environ.get("SFO_THREADS"):
+        env["SFO_THREADS"] = str(max(1, (cores or 1) // jobs))
+    return env
+
+
 def start_workers(jobs: int):
-    """`dvc queue start`. Its worker is a daemon that inherits the caller's stdout/stderr: capturing them would
-    wait for it. It finds `dvc` on PATH, so the interpreter's bin directory goes first."""
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    """`dvc queue start -j jobs`. Its worker is a daemon that inherits the caller's stdout/stderr: capturing them
+    would wait for it. Workers already running are kept (dvc names them by number and starts only the missing)."""
+    env = worker_env(jobs, dict(os.environ), os.cpu_count())
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -339,7 +350,9 @@ def kill_orphans(orphans: list[tuple[str, str]]) -> set[str]:
     return {task for task, _ in orphans}
 
 
-def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None):
+def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None) -> list[str]:
+    """Queue the planned experiments not yet on this commit, run the queue with `jobs` workers until it is empty,
+    and return the names (or task ids) of this run's experiments that failed."""
     status, tasks = queue_status()
     killed = kill_orphans(orphaned(tasks) if no_worker(status) else [])  # an earlier run's: they break `exp show`
     earlier = {task for task, *_ in tasks}                # their failures are not this run's to report
@@ -348,7 +361,7 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
     stage.log.info("ablations: %d experiments planned, %d already on this commit, %d to run", len(plan),
                    len(plan) - len(todo), len(todo))
     if not todo:
-        return
+        return []
     stale = [n for n in todo if n in done]
     if stale:                                     # --force: drop the old ones (`dvc exp run -f` would instead
         dvc("exp", "remove", *stale)              # recompute every stage of the experiment, shared ones too)
@@ -399,6 +412,7 @@ def queue_and_run(force: bool, jobs: int, tables: tuple[str, ...] | None = None)
               if state == "Failed" and task not in killed | earlier]
     stage.log.info("ablations: queue finished in %.1f min%s", (time.time() - start) / 60,
                    f"; failed: {failed} (see `dvc queue logs <name>`)" if failed else "")
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -520,16 +534,24 @@ def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("run", "report", "list"))
     ap.add_argument("--force", action="store_true", help="rerun experiments that already exist on this commit")
-    ap.add_argument("--jobs", type=int, default=1, help="queue workers (`dvc queue start -j`)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="queue workers (`dvc queue start -j`); with more than one, each experiment's stages get "
+                         "cores/jobs torch threads unless SFO_THREADS is set")
     ap.add_argument("--tables", nargs="+", help=f"only these tables (default: all of {[t.key for t in TABLES]})")
     args = ap.parse_args(argv)
     tables = tuple(args.tables) if args.tables else None
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     if args.command == "list":
         for name, ov in planned(tables).items():
             print(name, " ".join(f"-S {k}={v}" for k, v in ov.items()), flush=True)
         return []
     if args.command == "run":
-        queue_and_run(args.force, args.jobs, tables)
+        failed = queue_and_run(args.force, args.jobs, tables)
+        if failed and args.jobs > 1:   # dvc's parallel workers can fail a task as it starts (treeverse/dvc#10673)
+            stage.log.warning("ablations: %d experiments failed with %d queue workers; running what is missing "
+                              "again with one", len(failed), args.jobs)
+            queue_and_run(False, 1, tables)
     return [write_report(finished(), tables)]
 
 

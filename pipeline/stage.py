@@ -131,5 +131,5 @@ def run(name: str, main: Callable[[], list | None]):
     except (ConfigError, Diverged) as e:
         log.error("%s: stopped: %s", name, e)
         sys.exit(2)
-    log.info("%s: done in %.1f s, peak RSS %.0f MB, wrote %s", name, time.time() - t0, peak_rss_mb(),
-             ", ".join(str(p) for p in written) or "nothing")
+    log.info("%s: done in %.1f s at %d torch threads, peak RSS %.0f MB, wrote %s", name, time.time() - t0,
+             torch.get_num_threads(), peak_rss_mb(), ", ".join(str(p) for p in written) or "nothing")

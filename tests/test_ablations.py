@@ -1,7 +1,10 @@
 """The paper's ablation switches each run their own code path: `sfo.pairs` (self-play, SFT-additional,
 judge DPO) through `cdns` and `sfo`, and `sfo.direct`. Run as DVC would, in a copy of the smoke DAG."""
 import csv
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -215,6 +218,18 @@ def test_queue_status_rows_are_cut_at_the_header_columns():
     assert ablations.parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle") == []
 
 
+def test_queue_workers_split_the_cores_between_them():
+    """Two workers on two cores: each experiment's stages get one torch thread; one worker keeps all cores; a
+    caller's SFO_THREADS is kept; dvc.yaml's `python` is this interpreter's."""
+    base = {"PATH": "/usr/bin"}
+    assert "SFO_THREADS" not in ablations.worker_env(1, base, 2)
+    assert ablations.worker_env(2, base, 2)["SFO_THREADS"] == "1"
+    assert ablations.worker_env(2, base, 8)["SFO_THREADS"] == "4"
+    assert ablations.worker_env(3, base, 2)["SFO_THREADS"] == "1"
+    assert ablations.worker_env(2, {**base, "SFO_THREADS": "2"}, 2)["SFO_THREADS"] == "2"
+    assert ablations.worker_env(2, base, 2)["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
 def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_path):
     """One table through the real DVC queue on a copy of the smoke repo: the default run is shared, the others
     run as experiments, and a second run finds them all done. A task left Running with nothing running it, by an
@@ -283,3 +298,28 @@ def test_make_ablations_queues_dvc_experiments_and_reports_them(smoke_repo, tmp_
     assert "3 experiments planned, 3 already on this commit, 0 to run" in again.stderr
     assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=repo, capture_output=True,
                           text=True).stdout == ""                            # the workspace is left as it was
+
+
+def test_make_ablations_runs_two_queue_workers_at_one_thread_each(smoke_repo, tmp_path):
+    """`--jobs 2` (the Makefile's default): two DVC queue workers run the experiments, each experiment's stages at
+    cores/2 torch threads (their closing log line says it), and every experiment lands on the commit."""
+    import subprocess
+    import sys
+    from conftest import run, stage_env
+    repo = tmp_path / "repo"
+    shutil.copytree(smoke_repo, repo, symlinks=True)
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run([sys.executable, "-m", "dvc", "checkout", "-f"], repo, check=False)
+    env = {k: v for k, v in stage_env().items() if k != "SFO_THREADS"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.ablations", "run", "--tables", "td", "--jobs", "2"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "3 experiments planned, 0 already on this commit, 3 to run" in p.stderr, p.stderr[-3000:]
+    assert "failed" not in p.stderr, p.stderr[-3000:]
+    names = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert {"default-s0", "td-b500-s0", "td-b2000-s0"} <= set(names), names
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for name in ("td-b500-s0", "td-b2000-s0"):
+        logs = run([sys.executable, "-m", "dvc", "queue", "logs", name], repo).stdout
+        assert "sfo: done in" in logs and f"at {threads} torch threads" in logs, logs[-3000:]
+    assert "not run" not in (repo / "reports/ablations.md").read_text().split("## Table D")[1]
