@@ -37,8 +37,8 @@ bench: setup
 	$(BIN)/python bench/cpu.py --out reports/bench.json
 
 # The paper's Tables 3, 4, B, C and D as DVC experiments on top of the current commit (the default run first),
-# then reports/ablations.md; reruns only what is missing. 72-86 min on 2 cores after `make repro` (134 min on a
-# slower AMD EPYC; README "Ablations").
+# then reports/ablations.md; reruns only what is missing. 72-86 min on 2 cores after `make repro` with one worker
+# (107-134 min on a slower AMD EPYC; 93 min there with the two workers below; README "Ablations").
 ABLATIONS_JOBS ?= 2
 ablations: setup
 	dvc repro
