@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from typing import TYPE_CHECKING
+
 from . import checkpoint, config, manifest, stage, world
-from .model import SubjectFlux, seeded_noise
+
+if TYPE_CHECKING:       # the model (diffusers, peft) is imported where it is used: `metrics` and `report` need
+    from .model import SubjectFlux      # neither, and importing them costs each of those stages seconds
 
 MEASURES = ("dino", "clip_i", "clip_t", "id_acc", "ctx_acc", "subject_mse")   # the pretrained judges: first three
 GUIDANCE_FILE = "reports/guidance.json"
@@ -58,6 +62,7 @@ def generate(model: SubjectFlux, refs: np.ndarray, prompts: list[str], seeds: li
     With `par` (a `distributed.Parallel` of several processes, one GPU each) process r generates the batches
     k = r mod N into the work directory; once all are written the main process returns all of them, the others
     None."""
+    from .model import seeded_noise
     size, rank = (par.size, par.rank) if par is not None else (1, 0)
     if size > 1 and work is None:
         raise ValueError("sharded generation needs a work directory to exchange batches")

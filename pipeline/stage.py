@@ -3,6 +3,7 @@ with the wall time, the peak memory and what the stage wrote, and a clean exit o
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
 import math
@@ -96,13 +97,19 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def quiet_libraries():
-    """No per-file progress bars or warnings from the model libraries: our own bars and log lines say it."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-    for lib in (dlog, tlog):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+def quiet_libraries(load: bool = True):
+    """No per-file progress bars or warnings from the model libraries: our own bars and log lines say it.
+    `load=False` (what `run` does) quiets only the libraries already imported, and sets the environment variables
+    transformers and diffusers read at import for those imported later: a stage that needs neither (`metrics`
+    needs no diffusers, `report` neither) then pays no seconds importing them."""
+    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(var, value)
+    for lib in ("diffusers", "transformers"):
+        if load or lib in sys.modules:
+            lib_logging = importlib.import_module(f"{lib}.utils.logging")
+            lib_logging.set_verbosity_error()
+            lib_logging.disable_progress_bar()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings            # peft, on the SFO LoRA added beside the SFT LoRA: intended here
@@ -124,7 +131,7 @@ def run(name: str, main: Callable[[], list | None]):
     """Run a stage's `main`; it returns the paths it wrote. Bad input exits 2 with the message alone."""
     logging.basicConfig(level=os.environ.get("SFO_LOG", "INFO"), format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    quiet_libraries()
+    quiet_libraries(load=False)
     t0 = time.time()
     try:
         written = main() or []

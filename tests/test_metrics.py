@@ -33,3 +33,18 @@ def test_differences_need_the_same_images_in_the_same_order():
         metrics.subject_sem(A, shuffled, "dino", {"r0": 0, "r1": 1, "r2": 2})
     with pytest.raises(ConfigError, match="same images"):
         metrics.paired_sem(A, shuffled, "dino")
+
+
+@pytest.mark.parametrize("stage_module, absent", [
+    ("pipeline.stages.report", ("diffusers", "peft", "transformers")),
+    ("pipeline.stages.metrics", ("diffusers", "peft")),
+])
+def test_light_stages_do_not_import_the_model_libraries(stage_module, absent):
+    """`report` and `metrics` run in every ablation experiment: importing diffusers and peft (which they do not use)
+    cost each about 3 s. A fresh interpreter, as DVC starts it, after what `stage.run` does before `main`."""
+    import subprocess
+    import sys
+    code = (f"import sys, {stage_module}, pipeline.stage as s; s.quiet_libraries(load=False); "
+            f"print(' '.join(m for m in {absent!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""

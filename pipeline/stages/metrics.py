@@ -77,6 +77,7 @@ def how_sampled(ev: dict) -> dict:
 
 
 def main():
+    stage.set_threads()             # the judges score the ground truth: $SFO_THREADS under `make ablations`
     evals = {}
     for name in MODELS:
         path = Path("reports/eval") / name / "metrics.json"
